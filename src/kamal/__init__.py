@@ -1,0 +1,91 @@
+"""kamal: knowledge amalgamation, merging several teacher networks into one student.
+
+Everything a plugin may import is listed in ``__all__``; other modules are private.
+Attributes load lazily so that ``import kamal`` (and ``kamal --help``) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = metadata.version("kamal")
+except metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # interfaces
+    "Task": "kamal.interfaces",
+    "Meter": "kamal.interfaces",
+    "Student": "kamal.interfaces",
+    "Teacher": "kamal.interfaces",
+    "Amalgamator": "kamal.interfaces",
+    "AmalgamatorConfig": "kamal.interfaces",
+    "Batch": "kamal.interfaces",
+    "FeatureRequest": "kamal.interfaces",
+    "InputSpec": "kamal.interfaces",
+    "StudentSpec": "kamal.interfaces",
+    # plugin hooks and registry
+    "hookimpl": "kamal.hookspecs",
+    "Register": "kamal.hookspecs",
+    "get_registry": "kamal.plugins",
+    # building blocks for algorithms
+    "Architecture": "kamal.models.base",
+    "KamalModel": "kamal.models.base",
+    "merge_tasks": "kamal.models.base",
+    "FeatureTap": "kamal.features",
+    "LogitMerger": "kamal.merging",
+    "ClassificationTask": "kamal.tasks.classification",
+    "ImageDataset": "kamal.data.base",
+    "TensorImageDataset": "kamal.data.base",
+    "Trainer": "kamal.engine",
+    "StepInfo": "kamal.engine",
+    # model repos
+    "load_model": "kamal.repo",
+    "load_teacher": "kamal.repo",
+    "save_model_repo": "kamal.repo",
+    # running
+    "amalgamate": "kamal.run",
+    "train": "kamal.run",
+    "evaluate_repo": "kamal.run",
+    # errors
+    "KamalError": "kamal.errors",
+    "ConfigError": "kamal.errors",
+    "ModelRepoError": "kamal.errors",
+    "RegistryError": "kamal.errors",
+    "NonFiniteLossError": "kamal.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kamal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from .data.base import ImageDataset, TensorImageDataset
+    from .engine import StepInfo, Trainer
+    from .errors import ConfigError, KamalError, ModelRepoError, NonFiniteLossError, RegistryError
+    from .features import FeatureTap
+    from .hookspecs import Register, hookimpl
+    from .interfaces import (Amalgamator, AmalgamatorConfig, Batch, FeatureRequest, InputSpec,
+                             Meter, Student, StudentSpec, Task, Teacher)
+    from .merging import LogitMerger
+    from .models.base import Architecture, KamalModel, merge_tasks
+    from .plugins import get_registry
+    from .repo import load_model, load_teacher, save_model_repo
+    from .run import amalgamate, evaluate_repo, train
+    from .tasks.classification import ClassificationTask

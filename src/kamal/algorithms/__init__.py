@@ -1,0 +1,1 @@
+"""Built-in amalgamation algorithms (registered through the plugin hooks)."""

@@ -1,0 +1,37 @@
+"""kamal's own components, registered through the same hooks as any plugin.
+
+Every target is a lazy ``"module:attr"`` string, so loading this plugin imports no torch.
+"""
+
+from __future__ import annotations
+
+from .hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_amalgamators(register: Register) -> None:
+    """The multi-teacher KD baseline."""
+    register("kd", "kamal.algorithms.kd:KDAmalgamator")
+
+
+@hookimpl
+def register_tasks(register: Register) -> None:
+    """Classification (dense tasks come with their plugins)."""
+    register("classification", "kamal.tasks.classification:ClassificationTask")
+
+
+@hookimpl
+def register_architectures(register: Register) -> None:
+    """Small CNNs and torchvision classifiers."""
+    register("small-cnn", "kamal.models.small:SMALL_CNN")
+    register("small-vgg", "kamal.models.small:SMALL_VGG")
+    for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small"):
+        register(name, f"kamal.models.torchvision_models:{name.upper()}")
+
+
+@hookimpl
+def register_datasets(register: Register) -> None:
+    """Digits (shipped with scikit-learn), image folders, torchvision datasets on disk."""
+    register("digits", "kamal.data.digits:build_digits")
+    register("image-folder", "kamal.data.folders:build_image_folder")
+    register("torchvision", "kamal.data.folders:build_torchvision")

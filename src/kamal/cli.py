@@ -1,0 +1,141 @@
+"""The ``kamal`` command line. Parsing and printing only; the work happens in kamal.run.
+
+Heavy modules (torch) are imported inside commands, so ``kamal --help`` and
+``kamal list-plugins`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import KamalError
+
+
+class _Group(click.Group):
+    """Turns :class:`KamalError` into a one-line message unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KamalError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from .engine import Interrupted
+
+            if isinstance(exc, Interrupted):
+                click.echo(f"kamal: {exc}", err=True)
+                ctx.exit(130)
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="kamal")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """kamal: merge several teacher networks into one student, without labels."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command("list-plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--requirements", is_flag=True, help="Print name==version of installed plugins.")
+def list_plugins(as_json: bool, requirements: bool) -> None:
+    """List plugins, what each provides, and any that failed to load."""
+    from .plugins import plugin_infos
+
+    infos = plugin_infos()
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    if requirements:
+        for info in infos:
+            if info.distribution != "kamal":
+                click.echo(f"{info.distribution}=={info.version}")
+        return
+    for info in infos:
+        status = "ok" if info.error is None else f"ERROR: {info.error}"
+        click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
+        for kind, names in sorted(info.provides.items()):
+            click.echo(f"    {kind}: {', '.join(names)}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from .report import format_table
+
+    click.echo(format_table(report))
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a config value (repeatable), e.g. --set train.epochs=5.")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Run folder (default: runs/<config name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def amalgamate(config: str, overrides: tuple[str, ...], output: str | None, resume: bool,
+               quiet: bool) -> None:
+    """Amalgamate the teachers of CONFIG into a student and print the report."""
+    from .run import amalgamate as run_amalgamate
+
+    report = run_amalgamate(config, output, list(overrides), resume, progress=not quiet)
+    _print_report(report)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a config value (repeatable).")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Run folder (default: runs/<config name>); the model repo is OUTPUT/model.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(config: str, overrides: tuple[str, ...], output: str | None, resume: bool,
+          quiet: bool) -> None:
+    """Supervised training of one model (teachers, supervised references)."""
+    from .run import train as run_train
+
+    _print_report(run_train(config, output, list(overrides), resume, progress=not quiet))
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--data", required=True, metavar="DATASET[:SPLIT]",
+              help="Labeled data, e.g. digits:test.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Dataset option (repeatable), e.g. --option size=16.")
+@click.option("--teachers", "with_teachers", is_flag=True,
+              help="Also evaluate the teachers recorded in the student and their ensemble.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="auto", show_default=True)
+def evaluate(model_dir: str, data: str, options: tuple[str, ...], with_teachers: bool,
+             as_json: bool, device: str) -> None:
+    """Metrics of a model repo (or a run folder's student) on labeled data."""
+    import yaml
+
+    from .run import evaluate_repo
+
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--option")
+        parsed[key] = yaml.safe_load(value)
+    result = evaluate_repo(model_dir, data, parsed, with_teachers, device)
+    click.echo(json.dumps(result, indent=2) if as_json else _format_eval(result))
+
+
+def _format_eval(result: dict[str, Any]) -> str:
+    from .report import format_table
+
+    return format_table(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

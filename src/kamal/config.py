@@ -1,0 +1,257 @@
+"""Typed run configs (pydantic): plain YAML data in, clear key-path errors out.
+
+Relative paths in a config file are resolved against the folder of that file, so
+``kamal amalgamate examples/digits/kd.yaml`` works from any working directory.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherRef(_Strict):
+    """One teacher: a local model repo (``path``) or a Hub repo (``hub`` + ``revision``)."""
+
+    name: str | None = Field(None, description="Display name; defaults to the folder/repo name.")
+    path: str | None = Field(None, description="Local model repo folder (relative to the config).")
+    hub: str | None = Field(None, description="Hugging Face Hub repo id, e.g. org/name.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit sha.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherRef:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (local model repo) or 'hub' (org/name)")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("'revision' only applies to 'hub' teachers")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        """``name``, or the last part of the path / repo id."""
+        return self.name or Path(self.path or self.hub or "teacher").name
+
+
+class StudentConfig(_Strict):
+    """The student network."""
+
+    architecture: str = Field(description="Registered architecture name (kamal list-plugins).")
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                description="Options of the architecture.")
+    task_names: dict[str, str] = Field(default_factory=dict,
+                                       description="Name of the merged task per kind.")
+
+
+class DataRef(BaseModel):
+    """A dataset by registered name; other keys are the dataset's own options."""
+
+    model_config = ConfigDict(extra="allow")
+    dataset: str = Field(description="Registered dataset name, or family:variant.")
+    split: str | None = Field(None, description="Split name (digits: train/transfer/test/all).")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The dataset-specific options."""
+        return dict(self.model_extra or {})
+
+
+class AmalgamationData(_Strict):
+    """Data of an amalgamation: unlabeled transfer images and optional labeled eval data."""
+
+    transfer: DataRef = Field(description="Unlabeled training images (labels are never read).")
+    eval: DataRef | None = Field(None, description="Labeled evaluation data (metrics, report).")
+
+
+class TrainingData(_Strict):
+    """Data of a supervised training run."""
+
+    train: DataRef = Field(description="Labeled training data.")
+    eval: DataRef | None = Field(None, description="Labeled evaluation data.")
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer of the student (and of an algorithm's trainable blocks)."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+
+
+class TrainConfig(_Strict):
+    """The training loop."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
+    log_every: int = Field(10, ge=1, description="Log the losses every N steps.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (
+                value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda, cuda:N or mps")
+
+
+class AlgorithmRef(BaseModel):
+    """``name`` of a registered amalgamator; other keys are its hyperparameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class RunConfig(_Strict):
+    """``kamal amalgamate`` config."""
+
+    teachers: list[TeacherRef] = Field(min_length=1)
+    student: StudentConfig
+    algorithm: AlgorithmRef
+    data: AmalgamationData
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ModelSpec(_Strict):
+    """The network trained by ``kamal train``."""
+
+    architecture: str
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    task: str = Field(description="Name of the task (its classes come from the training data).")
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5])
+
+
+class TrainRunConfig(_Strict):
+    """``kamal train`` config: plain supervised training of one model."""
+
+    model: ModelSpec
+    data: TrainingData
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load`` (plain data only, never tags that run code)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a config mapping.
+
+    List items are addressed by index: ``teachers.0.path=...``.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}': expected key.path=value")
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set '{item}': '{'.'.join(parts[:depth])}' has no item "
+                                      f"{part} (it has {len(node)})")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set '{item}': '{'.'.join(parts[:depth])}' is not a section")
+            if last:
+                node[index] = yaml.safe_load(raw) if raw else None
+            else:
+                node = node[index]
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model found at ``loc``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _unwrap(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                return _unwrap(arg)
+    return annotation
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem: ``key.path: message (got value)`` with a did-you-mean."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in (*([prefix] if prefix else []), *loc)) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            hint = did_you_mean(str(loc[-1]), allowed)
+            lines.append(f"{path}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
+            continue
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" else f" (got {got!r})"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    """``model.model_validate(data)`` with errors turned into one :class:`ConfigError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, prefix)) from None
+
+
+def load_config(model: type[BaseModel], path: str | Path, overrides: list[str] | None = None):
+    """Read, override and validate a config file; returns ``(config, base_dir)``."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate(model, data), Path(path).resolve().parent
+
+
+def config_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """JSON schema of a config model (for the docs)."""
+    return model.model_json_schema()

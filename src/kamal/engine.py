@@ -1,0 +1,336 @@
+"""The training loop shared by every algorithm and by supervised training.
+
+One :class:`Trainer` owns: device placement, the optimizer and LR schedule, seeding,
+``metrics.jsonl``, per-epoch evaluation, atomic ``latest``/``best`` checkpoints, resume
+(bit-exact on CPU: 2 epochs == 1 epoch + resume 1 epoch), the non-finite-loss stop and a
+clean Ctrl-C. What a step computes comes from ``step_fn``; algorithms never copy this loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
+from .config import TrainConfig
+from .errors import KamalError, NonFiniteLossError
+
+StepFn = Callable[[Any, "StepInfo"], dict[str, Tensor]]
+Evaluator = Callable[[], dict[str, dict[str, float]]]
+
+
+class Interrupted(KamalError):
+    """Training stopped by Ctrl-C after saving a resumable checkpoint."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the loop is: stage name, epoch (0-based) and global step."""
+
+    stage: str
+    epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to select the ``best`` checkpoint by: ``metrics[task][metric]``."""
+
+    task: str
+    metric: str
+    higher_is_better: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KamalError(f"train.device is '{name}' but CUDA is not available; use auto or cpu")
+    return device
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | None):
+    opt = cfg.optimizer
+    lr = lr or opt.lr
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=opt.weight_decay)
+
+
+class _Progress:
+    """One self-rewriting line on a terminal; one line per epoch otherwise (CI logs)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled
+
+    def step(self, text: str) -> None:
+        if self.enabled and self.tty:
+            print(f"\r{text[:120]:<120}", end="", file=sys.stderr, flush=True)
+
+    def epoch(self, text: str) -> None:
+        if self.enabled:
+            print(("\r" if self.tty else "") + f"{text:<120}", file=sys.stderr, flush=True)
+
+
+class _StopFlag:
+    """Turns SIGINT into a flag checked between steps, so a step is never half-applied."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """Runs ``step_fn`` over ``dataset`` for ``cfg.epochs`` with checkpoints and evaluation.
+
+    ``modules`` are all trainable modules by name (``"student"`` first); their state is
+    checkpointed. ``fit`` may be called several times with different ``stage`` names
+    (multi-stage algorithms); a resumed run skips stages already completed.
+    """
+
+    def __init__(self, *, modules: dict[str, nn.Module], dataset: Dataset, step_fn: StepFn,
+                 cfg: TrainConfig, output_dir: str | Path, device: torch.device,
+                 evaluator: Evaluator | None = None, objective: Objective | None = None,
+                 resume: bool = False, progress: bool = True) -> None:
+        self.modules = modules
+        self.dataset = dataset
+        self.step_fn = step_fn
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.device = device
+        self.evaluator = evaluator
+        self.objective = objective
+        self.progress = _Progress(progress)
+        self.global_step = 0
+        self.completed_stages: list[str] = []
+        self.best: dict[str, Any] = {}
+        self.last_eval: dict[str, dict[str, float]] = {}
+        self._resume_state: dict[str, Any] | None = None
+        for module in modules.values():
+            module.to(device)
+        if resume:
+            self._load_latest()
+
+    # --- public ---------------------------------------------------------------------
+
+    @property
+    def latest_path(self) -> Path:
+        """``checkpoints/latest.safetensors``."""
+        return self.checkpoint_dir / "latest.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        """``checkpoints/best.safetensors`` (by the objective on eval data)."""
+        return self.checkpoint_dir / "best.safetensors"
+
+    def fit(self, stage: str = "main", epochs: int | None = None,
+            parameters: Iterable[nn.Parameter] | None = None, lr: float | None = None) -> None:
+        """Train one stage. ``parameters`` defaults to every trainable parameter."""
+        if stage in self.completed_stages:
+            return
+        epochs = epochs or self.cfg.epochs
+        params = [p for p in (parameters if parameters is not None else self._all_parameters())
+                  if p.requires_grad]
+        if not params:
+            raise KamalError(f"stage '{stage}' has no trainable parameters")
+        state = self._resume_state if (self._resume_state or {}).get("stage") == stage else None
+        if state is None:
+            seed_everything(self.cfg.seed + 7919 * len(self.completed_stages))
+        elif state["batch"] == 0:
+            set_rng_state(state["rng"])
+        loader_gen = torch.Generator()
+        loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, shuffle=True,
+                            generator=loader_gen, drop_last=len(self.dataset) > self.cfg.batch_size)
+        if len(loader) == 0:
+            raise KamalError("the training data is empty")
+        optimizer = _make_optimizer(params, self.cfg, lr)
+        total = epochs * len(loader)
+        scheduler = None
+        if self.cfg.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+        start_epoch, skip_batches = 0, 0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            start_epoch, skip_batches = state["epoch"], state["batch"]
+            self._resume_state = None
+            self._log({"event": "resumed", "stage": stage, "epoch": start_epoch,
+                       "batch": skip_batches, "step": self.global_step})
+        with _StopFlag() as stop:
+            for epoch in range(start_epoch, epochs):
+                loader_gen.manual_seed(self.cfg.seed * 100003 + epoch + 7919 * len(self.completed_stages))
+                self._run_epoch(stage, epoch, epochs, loader, optimizer, scheduler, skip_batches, stop,
+                                state)
+                skip_batches, state = 0, None
+        self.completed_stages.append(stage)
+        self._save_latest(stage, epochs, 0, None, None)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _all_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.parameters()]
+
+    def _run_epoch(self, stage, epoch, epochs, loader, optimizer, scheduler, skip, stop, state):
+        for module in self.modules.values():
+            module.train()
+        sums: dict[str, float] = {}
+        count, started = 0, time.perf_counter()
+        for index, data in enumerate(loader):
+            if index < skip:
+                if index == skip - 1 and state is not None:
+                    set_rng_state(state["rng"])  # skipped batches drew augmentation noise
+                continue
+            info = StepInfo(stage, epoch, self.global_step)
+            losses = self.step_fn(self._to_device(data), info)
+            total = self._check_and_sum(losses, info)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                         self.cfg.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self.global_step += 1
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if self.global_step % self.cfg.log_every == 0:
+                self._log({"stage": stage, "epoch": epoch, "step": self.global_step,
+                           "lr": optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in values.items()}})
+            self.progress.step(f"[{stage}] epoch {epoch + 1}/{epochs} batch {index + 1}/{len(loader)} "
+                               f"loss {float(total.detach()):.4f}")
+            if stop.requested:
+                self._save_latest(stage, epoch, index + 1, optimizer, scheduler)
+                raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
+        means = {k: v / max(count, 1) for k, v in sums.items()}
+        record = {"stage": stage, "epoch": epoch, "step": self.global_step, "event": "epoch",
+                  "seconds": round(time.perf_counter() - started, 3),
+                  **{f"loss/{k}": v for k, v in means.items()}}
+        self._log(record)
+        summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+        if self.evaluator is not None:
+            self.last_eval = self.evaluator()
+            for module in self.modules.values():
+                module.train()
+            self._log({"stage": stage, "epoch": epoch, "step": self.global_step, "event": "eval",
+                       "metrics": self.last_eval})
+            score = self._score(self.last_eval)
+            if score is not None:
+                summary += f" | eval {self.objective.task}.{self.objective.metric}={score:.4f}"
+                previous = self.best.get("value")
+                if previous is None or (score > previous if self.objective.higher_is_better
+                                        else score < previous):
+                    self.best = {"value": score, "stage": stage, "epoch": epoch}
+                    self._save_weights(self.best_path)
+        self.progress.epoch(f"[{stage}] epoch {epoch + 1}/{epochs} {summary}")
+        self._save_latest(stage, epoch + 1, 0, optimizer, scheduler)
+
+    def _to_device(self, data: Any) -> Any:
+        if isinstance(data, Tensor):
+            return data.to(self.device, non_blocking=True)
+        if isinstance(data, list | tuple):
+            return type(data)(self._to_device(d) for d in data)
+        return data
+
+    def _check_and_sum(self, losses: dict[str, Tensor], info: StepInfo) -> Tensor:
+        if not losses:
+            raise KamalError("the algorithm returned no losses")
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                where = (f"the last good checkpoint is {self.latest_path}" if self.latest_path.exists()
+                         else "no checkpoint had been written yet")
+                raise NonFiniteLossError(
+                    f"loss '{name}' became {float(value)} at stage '{info.stage}', epoch "
+                    f"{info.epoch + 1}, step {info.step + 1}; training stopped and {where}. "
+                    "Lower train.optimizer.lr or set train.grad_clip, then run again "
+                    "(--resume continues from that checkpoint).")
+        return sum(losses.values())  # type: ignore[return-value]
+
+    def _score(self, metrics: dict[str, dict[str, float]]) -> float | None:
+        if self.objective is None:
+            return None
+        return metrics.get(self.objective.task, {}).get(self.objective.metric)
+
+    # --- state ----------------------------------------------------------------------
+
+    def _weights(self) -> dict[str, Any]:
+        return {name: module.state_dict() for name, module in self.modules.items()}
+
+    def _save_weights(self, path: Path) -> None:
+        save_state(path, {"modules": self._weights(), "best": self.best})
+
+    def _save_latest(self, stage, epoch, batch, optimizer, scheduler) -> None:
+        save_state(self.latest_path, {
+            "stage": stage, "epoch": epoch, "batch": batch, "global_step": self.global_step,
+            "completed_stages": self.completed_stages, "best": self.best,
+            "last_eval": self.last_eval, "modules": self._weights(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+        })
+
+    def _load_latest(self) -> None:
+        if not self.latest_path.exists():
+            raise KamalError(f"--resume: no checkpoint at {self.latest_path}; run without --resume")
+        state = load_state(self.latest_path)
+        self.load_modules(state["modules"])
+        self.global_step = state["global_step"]
+        self.completed_stages = list(state["completed_stages"])
+        self.best = state["best"] or {}
+        self.last_eval = state["last_eval"] or {}
+        if state["optimizer"] is not None:
+            self._resume_state = state
+
+    def load_modules(self, weights: dict[str, dict[str, Tensor]]) -> None:
+        """Load module weights saved by this trainer (e.g. the best checkpoint)."""
+        for name, module in self.modules.items():
+            if name not in weights:
+                raise KamalError(f"checkpoint has no state for '{name}'; it belongs to another run")
+            module.load_state_dict(weights[name])
+
+    def load_best(self) -> bool:
+        """Load the best checkpoint's weights, if there is one."""
+        if not self.best_path.exists():
+            return False
+        self.load_modules(load_state(self.best_path)["modules"])
+        return True
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,293 @@
+"""The contracts between kamal's core and its plugins: Task, Student, Teacher, Amalgamator.
+
+A plugin author needs only this module (re-exported from :mod:`kamal`):
+
+* a :class:`Task` says what one head predicts, how a student output is distilled from a
+  teacher output, how predictions are scored, and how several teachers' tasks merge;
+* a :class:`Student` is an ``nn.Module`` whose ``forward`` returns ``{task_name: output}``;
+* a :class:`Teacher` is a frozen student (eval mode, no grad) with its provenance;
+* an :class:`Amalgamator` is an algorithm: typed hyperparameters, the student it builds,
+  the features it needs and its per-batch losses. The engine owns the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .engine import Trainer
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: channels, spatial size and the normalisation it applies itself.
+
+    Images enter every kamal model as float tensors in [0, 1]; each model normalises with
+    its own ``mean``/``std``, so teachers trained with different normalisations can share a
+    batch. Teachers of one run must agree on ``channels`` and ``size``.
+    """
+
+    channels: int
+    size: tuple[int, int]
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for ``config.json``."""
+        return {"channels": self.channels, "size": list(self.size),
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(int(data["channels"]), tuple(data["size"]), tuple(data["mean"]),
+                   tuple(data["std"]))
+
+
+class Meter(ABC):
+    """Accumulates predictions and targets over an evaluation pass."""
+
+    @abstractmethod
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Add one batch (``target`` already mapped to the task's label space)."""
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]:
+        """The metrics over everything added so far."""
+
+
+class Task(ABC):
+    """What one head of a model predicts and how it is compared.
+
+    Subclasses set ``kind`` (the registered name), ``primary_metric`` and
+    ``higher_is_better``, and implement the abstract methods. A task is plain data: it is
+    saved in ``config.json`` through :meth:`to_dict` and rebuilt with :meth:`from_dict`.
+    """
+
+    kind: ClassVar[str]
+    primary_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    @abstractmethod
+    def num_outputs(self) -> int:
+        """Output channels of a head for this task (classes, or 1 for depth)."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description including ``name`` and ``kind``."""
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        """Rebuild a task from :meth:`to_dict`'s output."""
+
+    @abstractmethod
+    def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+        """Scalar loss pulling a student output toward a teacher output of this task."""
+
+    @abstractmethod
+    def new_meter(self) -> Meter:
+        """A fresh :class:`Meter` for this task's metrics."""
+
+    @classmethod
+    @abstractmethod
+    def merge(cls, tasks: Sequence[Task], name: str) -> Task:
+        """The student's task covering all ``tasks`` (all of this kind)."""
+
+    @abstractmethod
+    def embed(self, teacher_task: Task, output: Tensor) -> Tensor:
+        """Map a teacher's output for ``teacher_task`` into this (merged) task's space.
+
+        For classification, logits go to the merged class positions; positions the teacher
+        does not know are filled with ``-inf`` (callers mask or combine them).
+        """
+
+    def map_targets(self, dataset_classes: Sequence[str] | None, targets: Tensor) -> Tensor:
+        """Map dataset targets into this task's label space (-1 = not in this task)."""
+        return targets
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()})"
+
+
+class Student(nn.Module, ABC):
+    """A network whose ``forward(images)`` returns ``{task_name: output}``.
+
+    ``images`` are float tensors in [0, 1] shaped like ``input_spec``. A student is saved as
+    a model repo (``config.json`` + ``model.safetensors`` + ``README.md``) and can be the
+    teacher of a later run. ``features`` is the root module whose named submodules are the
+    feature layers (``feature_layers``) that algorithms tap.
+    """
+
+    tasks: list[Task]
+    input_spec: InputSpec
+    feature_layers: list[str]
+
+    @property
+    def features(self) -> nn.Module:
+        """Module whose ``named_modules`` names are the tappable feature layers."""
+        return self
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Predict every task."""
+
+    def config(self) -> dict[str, Any]:
+        """The ``config.json`` content that rebuilds this network (without weights)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved as a model repo")
+
+
+class Teacher:
+    """A frozen, pretrained model with its tasks, input spec and provenance.
+
+    Always in eval mode with gradients off; calling it runs inference. ``source`` records
+    where it came from (``{"path": ...}`` or ``{"hub": ..., "revision": <sha>}``, plus the
+    ``sha256`` of its weights).
+    """
+
+    def __init__(self, name: str, model: Student, source: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.model = model.eval().requires_grad_(False)
+        self.source = dict(source or {})
+
+    @property
+    def tasks(self) -> list[Task]:
+        """The tasks this teacher is expert in."""
+        return self.model.tasks
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """What the teacher expects as input."""
+        return self.model.input_spec
+
+    def to(self, device: torch.device | str) -> Teacher:
+        """Move the weights; returns ``self``."""
+        self.model.to(device)
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> dict[str, Tensor]:
+        return self.model(images)
+
+    def num_parameters(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class Batch:
+    """What an amalgamator sees for one step of training.
+
+    ``teacher_features[i][layer]`` and ``student_features[layer]`` hold the layers that the
+    amalgamator asked for in :meth:`Amalgamator.feature_layers`.
+    """
+
+    images: Tensor
+    teacher_outputs: list[dict[str, Tensor]]
+    student_outputs: dict[str, Tensor]
+    teacher_features: list[dict[str, Tensor]] = field(default_factory=list)
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Layers to capture: one list per teacher, and one for the student."""
+
+    teachers: list[list[str]] = field(default_factory=list)
+    student: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The ``student`` section of a run config."""
+
+    architecture: str
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_names: dict[str, str] = field(default_factory=dict)
+
+
+class AmalgamatorConfig(BaseModel):
+    """Hyperparameters of an algorithm. Subclass it; unknown keys are rejected.
+
+    Every field needs a default (the paper's setting) and a ``description``: both appear in
+    the configuration reference and in error messages.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str
+
+
+class Amalgamator(ABC):
+    """An amalgamation algorithm (contract for plugins).
+
+    Life cycle, driven by :func:`kamal.run.amalgamate`:
+
+    1. ``check_teachers(teachers)`` (classmethod): refuse teachers the algorithm cannot use,
+       with a message saying which algorithm would work.
+    2. ``__init__(config, teachers, student_spec)``.
+    3. ``build_student()``: the student network (default: ``student_spec``'s architecture
+       with the teachers' merged tasks).
+    4. ``setup(student, transfer_images)``: build trainable blocks, calibrate on unlabeled
+       data (one pass, no labels).
+    5. ``amalgamate(trainer)``: by default ``trainer.fit()``, which calls :meth:`losses` for
+       every batch and optimises the student plus :meth:`trainable_modules`. Algorithms with
+       several stages call ``trainer.fit(stage=..., parameters=...)`` several times.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AmalgamatorConfig]] = AmalgamatorConfig
+
+    def __init__(self, config: AmalgamatorConfig, teachers: list[Teacher],
+                 student_spec: StudentSpec) -> None:
+        self.config = config
+        self.teachers = teachers
+        self.student_spec = student_spec
+        self.student: Student | None = None
+
+    @classmethod
+    def check_teachers(cls, teachers: Sequence[Teacher]) -> None:
+        """Raise :class:`kamal.KamalError` if this algorithm cannot amalgamate ``teachers``."""
+
+    def build_student(self) -> Student:
+        """Build the student; the default merges the teachers' tasks onto the spec's network."""
+        from .models import build_student_for
+
+        return build_student_for(self.student_spec, self.teachers)
+
+    def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
+        """Prepare for training (build blocks, calibrate). ``transfer_images`` is unlabeled."""
+        self.student = student
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Extra modules trained with the student (checkpointed with it)."""
+        return {}
+
+    def feature_layers(self) -> FeatureRequest:
+        """Layers of the teachers and the student that :meth:`losses` needs."""
+        return FeatureRequest()
+
+    @abstractmethod
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Named scalar losses for one batch; the engine sums them (already weighted)."""
+
+    def amalgamate(self, trainer: Trainer) -> None:
+        """Run the training; override for multi-stage algorithms."""
+        trainer.fit()
+
+    def describe(self) -> dict[str, Any]:
+        """Algorithm name and hyperparameters, for the report and the model card."""
+        return self.config.model_dump()

@@ -1,0 +1,94 @@
+"""Merging several teachers' classification logits into the student's label space.
+
+Teachers trained separately are not calibrated to each other: one teacher's logits can be
+several times larger than another's, and a naive concatenation then lets that teacher win
+the joint softmax even on images it knows nothing about (KamalEngine's KD: 76% where the
+teachers' ensemble could reach 88%+).
+
+``standardize`` (the default) treats the teachers as a mixture of experts and needs no
+labels. Each teacher ``i`` gives class probabilities *given that the image is one of its
+classes*, ``log_softmax(logits_i)``; how much the image belongs to teacher ``i`` is judged
+by its confidence, the centred max logit, z-scored with the mean and spread measured on the
+unlabeled transfer data (so every teacher's confidence is on the same scale). The merged
+logit of class ``c`` of teacher ``i`` is ``log_softmax(logits_i)[c] + z_i``. ``naive``
+concatenates raw logits, as KamalEngine did. Classes that several teachers share are
+averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .interfaces import Task, Teacher
+from .tasks.classification import ClassificationTask
+
+MergeMode = Literal["standardize", "naive"]
+
+
+class LogitMerger(nn.Module):
+    """Maps ``teacher_outputs`` (one dict per teacher) to ``{merged_task: logits}``.
+
+    Only classification tasks are merged; call :meth:`calibrate` once on unlabeled images
+    before use when ``mode="standardize"``. The scales are buffers, so they are saved in
+    checkpoints with the run.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], student_tasks: Sequence[Task],
+                 mode: MergeMode = "standardize") -> None:
+        super().__init__()
+        self.mode = mode
+        self.targets = [t for t in student_tasks if isinstance(t, ClassificationTask)]
+        # (teacher index, teacher task) pairs feeding each merged task
+        self.sources: dict[str, list[tuple[int, ClassificationTask]]] = {
+            target.name: [(i, task) for i, teacher in enumerate(teachers) for task in teacher.tasks
+                          if isinstance(task, ClassificationTask)]
+            for target in self.targets}
+        self.register_buffer("confidence_mean", torch.zeros(len(teachers)))
+        self.register_buffer("confidence_std", torch.ones(len(teachers)))
+
+    @torch.no_grad()
+    def calibrate(self, teachers: Sequence[Teacher], images: Iterable[Tensor],
+                  device: torch.device | None = None) -> None:
+        """Measure each teacher's confidence statistics on unlabeled images."""
+        if self.mode == "naive":
+            return
+        scores: list[list[Tensor]] = [[] for _ in teachers]
+        for batch in images:
+            batch = batch.to(device) if device is not None else batch
+            for i, teacher in enumerate(teachers):
+                outputs = teacher(batch)
+                for task in teacher.tasks:
+                    if isinstance(task, ClassificationTask):
+                        scores[i].append(confidence(outputs[task.name]).double().cpu())
+        for i, values in enumerate(scores):
+            if values:
+                joined = torch.cat(values)
+                self.confidence_mean[i] = joined.mean()
+                self.confidence_std[i] = joined.std().clamp_min(1e-6) if joined.numel() > 1 else 1.0
+
+    def forward(self, teacher_outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        merged = {}
+        for target in self.targets:
+            total, count = None, None
+            for i, task in self.sources[target.name]:
+                logits = teacher_outputs[i][task.name]
+                if self.mode == "standardize":
+                    z = (confidence(logits) - self.confidence_mean[i]) / self.confidence_std[i]
+                    logits = torch.log_softmax(logits, dim=1) + z[:, None]
+                placed = target.embed(task, logits)
+                known = torch.isfinite(placed)
+                placed = torch.where(known, placed, torch.zeros_like(placed))
+                total = placed if total is None else total + placed
+                count = known.float() if count is None else count + known.float()
+            assert total is not None and count is not None
+            merged[target.name] = total / count.clamp_min(1.0)
+        return merged
+
+
+def confidence(logits: Tensor) -> Tensor:
+    """A teacher's confidence per sample: its max logit minus the mean logit."""
+    return logits.max(dim=1).values - logits.mean(dim=1)

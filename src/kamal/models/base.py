@@ -1,0 +1,163 @@
+"""``KamalModel``: a registered architecture + its tasks + input normalisation.
+
+Teachers and students are both ``KamalModel``s, so a student can be the next run's teacher
+and both are saved in the same model-repo layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, KamalError, ModelRepoError
+from ..interfaces import InputSpec, Student, StudentSpec, Task, Teacher
+from ..plugins import get_registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered network builder with its named feature layers.
+
+    ``build(num_outputs=..., in_channels=..., **kwargs)`` returns an ``nn.Module`` whose
+    forward gives one output tensor; with ``multi_task=True`` it is called as
+    ``build(tasks=..., in_channels=..., **kwargs)`` and must return ``{task_name: output}``.
+    ``feature_layers`` are ``named_modules`` names, shallow to deep; ``head`` is the final
+    classifier, whose *input* is the pooled feature (the default layer for feature-based
+    algorithms).
+    """
+
+    build: Callable[..., nn.Module]
+    feature_layers: tuple[str, ...]
+    head: str | None = None
+    multi_task: bool = False
+    description: str = ""
+
+
+def task_from_dict(data: dict[str, Any]) -> Task:
+    """Rebuild a task from ``config.json`` through the task registry."""
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise ModelRepoError(f"task {data!r} has no 'kind'")
+    task_cls = get_registry().get("tasks", kind)
+    return task_cls.from_dict(data)
+
+
+def _call_builder(name: str, arch: Architecture, kwargs: dict[str, Any], **fixed: Any) -> nn.Module:
+    params = inspect.signature(arch.build).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    allowed = [k for k, p in params.items() if k not in fixed and p.kind not in variadic]
+    unknown = [k for k in kwargs if k not in params and not accepts_any]
+    if unknown:
+        raise ConfigError(f"architecture '{name}' has no option {unknown[0]!r}; "
+                          f"its options are: {', '.join(allowed) or 'none'}")
+    try:
+        return arch.build(**fixed, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"architecture '{name}' cannot be built with {kwargs}: {exc}") from exc
+
+
+class KamalModel(Student):
+    """A student or teacher network built from a registered architecture."""
+
+    def __init__(self, architecture: str, tasks: Sequence[Task], input_spec: InputSpec,
+                 architecture_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        arch = get_registry().get("architectures", architecture)
+        self.architecture = architecture
+        self.architecture_kwargs = dict(architecture_kwargs or {})
+        self.tasks = list(tasks)
+        self.input_spec = input_spec
+        self.feature_layers = list(arch.feature_layers)
+        self.head_layer = arch.head
+        if arch.multi_task:
+            self.net = _call_builder(architecture, arch, self.architecture_kwargs,
+                                     tasks=self.tasks, in_channels=input_spec.channels)
+        else:
+            if len(self.tasks) != 1:
+                raise ConfigError(f"architecture '{architecture}' has a single head but the "
+                                  f"model needs {len(self.tasks)} tasks; use a multi-task "
+                                  "architecture")
+            self.net = _call_builder(architecture, arch, self.architecture_kwargs,
+                                     num_outputs=self.tasks[0].num_outputs,
+                                     in_channels=input_spec.channels)
+        channels = input_spec.channels
+        mean = torch.tensor(_per_channel(input_spec.mean, channels)).view(1, -1, 1, 1)
+        std = torch.tensor(_per_channel(input_spec.std, channels)).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    @property
+    def features(self) -> nn.Module:
+        return self.net
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        out = self.net((images - self.mean) / self.std)
+        if isinstance(out, Tensor):
+            return {self.tasks[0].name: out}
+        return out
+
+    def config(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return {
+            "kamal_version": __version__,
+            "architecture": self.architecture,
+            "architecture_kwargs": self.architecture_kwargs,
+            "tasks": [t.to_dict() for t in self.tasks],
+            "input": self.input_spec.to_dict(),
+            "feature_layers": self.feature_layers,
+        }
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise ModelRepoError(f"input normalisation has {len(values)} values for {channels} channels")
+    return values
+
+
+def merge_tasks(teachers: Sequence[Teacher], task_names: dict[str, str] | None = None) -> list[Task]:
+    """The student's tasks: the teachers' tasks merged per kind, in order of first appearance.
+
+    A merged task keeps the teacher task's name when all teachers' tasks of that kind share
+    it; ``task_names`` (``{kind: name}``) overrides; otherwise it is named after the kind.
+    """
+    task_names = task_names or {}
+    by_kind: dict[str, list[Task]] = {}
+    for teacher in teachers:
+        for task in teacher.tasks:
+            by_kind.setdefault(task.kind, []).append(task)
+    merged = []
+    for kind, tasks in by_kind.items():
+        names = {t.name for t in tasks}
+        name = task_names.get(kind) or (names.pop() if len(names) == 1 else kind)
+        merged.append(type(tasks[0]).merge(tasks, name))
+    return merged
+
+
+def common_input_spec(teachers: Sequence[Teacher]) -> InputSpec:
+    """The input spec all teachers share (channels and size), or a clear error."""
+    first = teachers[0]
+    for teacher in teachers[1:]:
+        a, b = first.input_spec, teacher.input_spec
+        if (a.channels, tuple(a.size)) != (b.channels, tuple(b.size)):
+            raise KamalError(
+                f"teachers disagree on their input: '{first.name}' expects {a.channels} channels "
+                f"at {tuple(a.size)}, '{teacher.name}' expects {b.channels} channels at "
+                f"{tuple(b.size)}. Amalgamated teachers must read the same images."
+            )
+    return first.input_spec
+
+
+def build_student_for(spec: StudentSpec, teachers: Sequence[Teacher]) -> KamalModel:
+    """Build ``spec``'s architecture with the teachers' merged tasks and shared input."""
+    return KamalModel(spec.architecture, merge_tasks(teachers, spec.task_names),
+                      common_input_spec(teachers), spec.architecture_kwargs)

@@ -1,0 +1,127 @@
+"""Model repos on disk: ``config.json`` + ``model.safetensors`` + ``README.md``.
+
+Weights are read only through safetensors and loaded strictly: a missing, unexpected or
+mis-shaped tensor is an error, never a silent partial load. The architecture named in
+``config.json`` must be registered: a downloaded file cannot make kamal run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import KamalError, ModelRepoError
+from .interfaces import InputSpec, Student, Teacher
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model_repo(model: Student, folder: str | Path, card: str | None = None,
+                    extra_config: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` as a model repo in ``folder`` (created; files replaced atomically)."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = {**model.config(), **(extra_config or {})}
+    atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    if card is not None:
+        atomic_write_bytes(folder / CARD_FILE, card.encode())
+    return folder
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_repo_config(folder: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check ``config.json`` of a model repo."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelRepoError(f"model repo '{folder}' does not exist (expected a folder with "
+                             f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise ModelRepoError(f"model repo '{folder}' has no {name}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelRepoError(f"{folder / CONFIG_FILE} is not valid JSON: {exc}") from None
+    missing = [k for k in ("architecture", "tasks", "input") if k not in config]
+    if missing:
+        raise ModelRepoError(f"{folder / CONFIG_FILE} lacks {', '.join(missing)}; is this a kamal "
+                             "model repo?")
+    return config
+
+
+def load_model(folder: str | Path) -> Student:
+    """Build the network of a model repo and load its weights strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import KamalModel, task_from_dict
+
+    folder = Path(folder)
+    config = read_repo_config(folder)
+    try:
+        tasks = [task_from_dict(t) for t in config["tasks"]]
+        model = KamalModel(config["architecture"], tasks, InputSpec.from_dict(config["input"]),
+                           config.get("architecture_kwargs") or {})
+    except KamalError as exc:
+        raise ModelRepoError(f"{folder}: {exc}") from None
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelRepoError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: "
+                             f"{exc}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        details = "; ".join(part for part in (
+            f"missing: {', '.join(missing[:5])}" if missing else "",
+            f"unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
+            f"wrong shape: {', '.join(wrong[:5])}" if wrong else "") if part)
+        raise ModelRepoError(f"weights in {folder} do not match architecture "
+                             f"'{config['architecture']}' {config.get('architecture_kwargs') or ''}"
+                             f": {details}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_teacher(name: str, folder: str | Path, source: dict[str, Any] | None = None) -> Teacher:
+    """A frozen :class:`Teacher` from a local model repo, with the weights' sha256 recorded."""
+    folder = Path(folder)
+    model = load_model(folder)
+    source = dict(source or {"path": str(folder)})
+    source["sha256"] = sha256_of(folder / WEIGHTS_FILE)
+    return Teacher(name, model, source)

@@ -1,0 +1,164 @@
+"""``report.json``, the printed student-vs-teachers table, model cards and curve plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.base import ImageDataset
+from .evaluation import count_parameters, cpu_latency_ms, evaluate
+from .interfaces import Amalgamator, Student, Teacher
+from .merging import LogitMerger
+
+
+def model_entry(model: Student, data: ImageDataset | None, device: torch.device,
+                name: str) -> dict[str, Any]:
+    """Metrics (if data), parameters and CPU latency of one model."""
+    spec = model.input_spec
+    entry: dict[str, Any] = {"name": name}
+    if data is not None:
+        entry["metrics"] = evaluate(model, model.tasks, data, device)
+    entry["params"] = count_parameters(model)
+    entry["latency_ms"] = cpu_latency_ms(model, spec.channels, spec.size)
+    return entry
+
+
+def teacher_entry(teacher: Teacher, data: ImageDataset | None, device: torch.device) -> dict[str, Any]:
+    """A teacher's metrics on its own task(s), size, latency and provenance."""
+    entry = model_entry(teacher.model, data, device, teacher.name)
+    entry["source"] = teacher.source
+    return entry
+
+
+def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], student: Student,
+                        eval_data: ImageDataset | None, device: torch.device,
+                        merge_mode: str = "standardize") -> dict[str, Any]:
+    """Everything ``report.json`` holds for an amalgamation run."""
+    report: dict[str, Any] = {
+        "algorithm": algorithm.name,
+        "hyperparameters": algorithm.describe(),
+        "student": model_entry(student, eval_data, device, "student"),
+        "teachers": [teacher_entry(t, eval_data, device) for t in teachers],
+    }
+    if eval_data is not None:
+        from .run import _images
+
+        for mode in ("standardize", "naive"):
+            merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
+            merger.calibrate(teachers, _images(eval_data), device)
+            metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), student.tasks,
+                               eval_data, device)
+            key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
+            report[key] = {"merge": mode, "metrics": metrics}
+    return report
+
+
+def _fmt(metrics: dict[str, dict[str, float]] | None) -> str:
+    if not metrics:
+        return "-"
+    parts = []
+    for task, values in metrics.items():
+        shown = {k: v for k, v in values.items() if k != "samples"}
+        parts.append(f"{task}: " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    return "; ".join(parts)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table: one row per model, metrics, params, latency."""
+    rows = [("model", "metrics", "params", "latency ms")]
+    if "student" in report:
+        s = report["student"]
+        rows.append((f"student ({report.get('algorithm', '?')})", _fmt(s.get("metrics")),
+                     f"{s['params']:,}", f"{s['latency_ms']:.3f}"))
+    if "model" in report:
+        m = report["model"]
+        rows.append((m.get("name", "model"), _fmt(m.get("metrics")), f"{m['params']:,}",
+                     f"{m['latency_ms']:.3f}"))
+    for key in ("ensemble", "ensemble_standardize", "ensemble_naive"):
+        if key in report:
+            e = report[key]
+            label = f"teachers' ensemble ({e['merge']})" if "merge" in e else "teachers' ensemble"
+            rows.append((label, _fmt(e.get("metrics")), "", ""))
+    for t in report.get("teachers", []):
+        rows.append((f"teacher {t['name']}", _fmt(t.get("metrics")), f"{t['params']:,}",
+                     f"{t['latency_ms']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def model_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
+    """``README.md`` of a model repo: YAML front matter, provenance, metrics, how to load."""
+    import yaml
+
+    teachers = provenance.get("teachers", [])
+    front = {"library_name": "kamal", "tags": ["kamal", "knowledge-amalgamation"]}
+    if "algorithm" in provenance:
+        front["tags"].append(f"kamal-{provenance['algorithm']}")
+        front["kamal"] = {"algorithm": provenance["algorithm"],
+                          "hyperparameters": provenance.get("hyperparameters", {}),
+                          "teachers": teachers}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    if "algorithm" in provenance:
+        lines += ["# kamal student", "",
+                  f"Amalgamated with `{provenance['algorithm']}` from {len(teachers)} teachers, "
+                  "without labels.", "", "## Teachers", ""]
+        for t in teachers:
+            where = f"hub `{t['hub']}` @ `{t.get('revision')}`" if "hub" in t else f"`{t.get('path')}`"
+            lines.append(f"- **{t['name']}**: {where}, weights sha256 `{t.get('sha256', '?')}`")
+        lines += ["", "## Hyperparameters", "", "```json",
+                  json.dumps(provenance.get("hyperparameters", {}), indent=2), "```", ""]
+    else:
+        lines += ["# kamal model", "", "Trained with `kamal train` (supervised).", ""]
+    lines += ["## Metrics", "", "```", format_table(report), "```", "",
+              "## Usage", "", "```python", "from kamal import load_model",
+              "model = load_model('path/to/this/folder')  # or kamal.hub for Hub repos",
+              "outputs = model(images)  # {task_name: logits}, images in [0, 1]", "```", ""]
+    return "\n".join(lines)
+
+
+def plot_curves(run_dir: Path) -> list[Path]:
+    """``loss.png`` and ``eval.png`` from ``metrics.jsonl`` (skipped when empty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    written = []
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    if epochs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        keys = sorted({k for r in epochs for k in r if k.startswith("loss/")})
+        for key in keys:
+            points = [(r["step"], r[key]) for r in epochs if key in r]
+            ax.plot(*zip(*points, strict=True), marker="o", label=key[5:])
+        ax.set(xlabel="step", ylabel="mean loss per epoch", yscale="log", title="training losses")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(run_dir / "loss.png")
+    evals = [r for r in records if r.get("event") == "eval"]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in evals:
+            for task, metrics in r["metrics"].items():
+                for name, value in metrics.items():
+                    if name != "samples":
+                        series.setdefault(f"{task}/{name}", []).append((r["step"], value))
+        for key, points in series.items():
+            ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        ax.set(xlabel="step", ylabel="metric", title="evaluation")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "eval.png", dpi=100)
+        plt.close(fig)
+        written.append(run_dir / "eval.png")
+    return written

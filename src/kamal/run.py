@@ -1,0 +1,307 @@
+"""Build and execute runs from validated configs: amalgamate, train, evaluate.
+
+This is where config sections become objects: teachers (local or Hub model repos),
+datasets, the amalgamator and its student, and the :class:`~kamal.engine.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import report as reporting
+from .checkpoint import seed_everything
+from .config import DataRef, RunConfig, TeacherRef, TrainRunConfig, load_config, validate
+from .data.base import ImageDataset, build_dataset
+from .engine import Objective, StepInfo, Trainer, resolve_device
+from .errors import ConfigError, KamalError, RegistryError
+from .evaluation import count_parameters, cpu_latency_ms, evaluate
+from .features import FeatureTap
+from .interfaces import Amalgamator, Batch, InputSpec, Student, StudentSpec, Teacher
+from .merging import LogitMerger
+from .models.base import KamalModel, common_input_spec
+from .plugins import get_registry
+from .repo import load_model, load_teacher, save_model_repo
+from .tasks.classification import ClassificationTask
+
+RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
+
+
+class UnlabeledView(Dataset):
+    """The images of a dataset without its labels: amalgamation never reads labels."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.dataset[index][0]
+
+
+def prepare_output(output: str | Path, resume: bool) -> Path:
+    """Refuse to overwrite an existing run unless resuming it."""
+    out = Path(output)
+    if resume:
+        if not (out / "checkpoints" / "latest.safetensors").exists():
+            raise KamalError(f"--resume: '{out}' has no checkpoints/latest.safetensors to resume")
+    elif out.exists() and any((out / m).exists() for m in RUN_MARKERS):
+        raise KamalError(f"output folder '{out}' already holds a run; use --resume to continue "
+                         "it or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
+    """Load a teacher from a local folder or the Hugging Face Hub."""
+    key = f"teachers.{index}"
+    try:
+        if ref.hub is not None:
+            from .hub import HubError, download_model_repo
+
+            try:
+                resolved = download_model_repo(ref.hub, ref.revision)
+            except HubError as exc:
+                raise KamalError(f"{key}.hub: {exc}") from None
+            source = {"hub": ref.hub, "revision": resolved.commit,
+                      "requested_revision": ref.revision}
+            return load_teacher(ref.display_name, resolved.local_dir, source)
+        folder = (base_dir / ref.path).resolve() if ref.path else base_dir
+        return load_teacher(ref.display_name, folder, {"path": str(folder)})
+    except KamalError as exc:
+        message = str(exc)
+        raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None
+
+
+def _dataset(ref: DataRef, key: str) -> ImageDataset:
+    try:
+        return build_dataset(ref.dataset, ref.split, ref.options, key=key)
+    except RegistryError as exc:
+        raise ConfigError(f"{key}.dataset: {exc}") from None
+
+
+def check_data_matches(dataset: ImageDataset, spec: InputSpec, key: str) -> None:
+    """The images must have the channels and size the models expect."""
+    got = (dataset.channels, *dataset.size)
+    want = (spec.channels, *spec.size)
+    if tuple(got) != tuple(want):
+        raise ConfigError(f"{key}: images are {got[0]}x{got[1]}x{got[2]} but the models expect "
+                          f"{want[0]}x{want[1]}x{want[2]}; set {key}.size (or use matching data)")
+
+
+def _images(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
+    for batch in DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False):
+        yield batch
+
+
+@dataclass
+class AmalgamationStep:
+    """One training step of an amalgamation: frozen teachers, then the student, then losses."""
+
+    teachers: list[Teacher]
+    student: Student
+    amalgamator: Amalgamator
+
+    def __post_init__(self) -> None:
+        request = self.amalgamator.feature_layers()
+        self.teacher_layers = request.teachers or [[] for _ in self.teachers]
+        self.student_layers = request.student
+
+    def __call__(self, images: Tensor, info: StepInfo) -> dict[str, Tensor]:
+        teacher_outputs, teacher_features = [], []
+        with torch.inference_mode():
+            for teacher, layers in zip(self.teachers, self.teacher_layers, strict=True):
+                with FeatureTap(teacher.model.features, layers, teacher.name) as tap:
+                    teacher_outputs.append(teacher(images))
+                teacher_features.append(tap.features)
+        # inference tensors cannot join autograd graphs: clone them out of inference mode
+        teacher_outputs = [{k: v.clone() for k, v in o.items()} for o in teacher_outputs]
+        teacher_features = [{k: v.clone() for k, v in f.items()} for f in teacher_features]
+        with FeatureTap(self.student.features, self.student_layers, "student") as tap:
+            student_outputs = self.student(images)
+        batch = Batch(images, teacher_outputs, student_outputs, teacher_features, tap.features,
+                      epoch=info.epoch, step=info.step)
+        return self.amalgamator.losses(batch)
+
+
+def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
+    try:
+        cls = get_registry().get("amalgamators", cfg.algorithm.name)
+    except RegistryError as exc:
+        raise ConfigError(f"algorithm.name: {exc}") from None
+    algo_cfg = validate(cls.Config, cfg.algorithm.model_dump(), prefix="algorithm")
+    return cls, algo_cfg
+
+
+def _objective(student: Student) -> Objective | None:
+    task = student.tasks[0]
+    return Objective(task.name, task.primary_metric, task.higher_is_better)
+
+
+def amalgamate(config_path: str | Path, output: str | Path | None = None,
+               overrides: list[str] | None = None, resume: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """Run ``kamal amalgamate``: returns the report (also written to ``report.json``)."""
+    cfg, base_dir = load_config(RunConfig, config_path, overrides)
+    cls, algo_cfg = _load_amalgamator(cfg)
+    out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+
+    teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
+    cls.check_teachers(teachers)
+    spec = common_input_spec(teachers)
+    transfer = _dataset(cfg.data.transfer, "data.transfer")
+    check_data_matches(transfer, spec, "data.transfer")
+    eval_data = _dataset(cfg.data.eval, "data.eval") if cfg.data.eval else None
+    if eval_data is not None:
+        check_data_matches(eval_data, spec, "data.eval")
+
+    amalgamator = cls(algo_cfg, teachers, StudentSpec(
+        cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names))
+    student = amalgamator.build_student().to(device)
+    for teacher in teachers:
+        teacher.to(device)
+    amalgamator.setup(student, _images(transfer))
+    _write_resolved_config(out, cfg, teachers, base_dir)
+
+    def evaluator() -> dict[str, dict[str, float]]:
+        student.eval()
+        return evaluate(student, student.tasks, eval_data, device)
+
+    trainer = Trainer(
+        modules={"student": student, **amalgamator.trainable_modules()},
+        dataset=UnlabeledView(transfer), step_fn=AmalgamationStep(teachers, student, amalgamator),
+        cfg=cfg.train, output_dir=out, device=device,
+        evaluator=evaluator if eval_data is not None else None, objective=_objective(student),
+        resume=resume, progress=progress)
+    amalgamator.amalgamate(trainer)
+
+    student.eval()
+    report = reporting.amalgamation_report(
+        algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
+        device=device, merge_mode=getattr(algo_cfg, "merge", "standardize"))
+    report["best_checkpoint"] = trainer.best
+    _finish(out, student, report, amalgamator, teachers)
+    return report
+
+
+def _write_resolved_config(out: Path, cfg: RunConfig, teachers: list[Teacher], base: Path) -> None:
+    """``config.yaml`` of the run with teacher revisions pinned and paths absolute."""
+    data = cfg.model_dump(exclude_none=True)
+    for entry, teacher in zip(data["teachers"], teachers, strict=True):
+        if "hub" in entry:
+            entry["revision"] = teacher.source["revision"]
+        else:
+            entry["path"] = str((base / entry["path"]).resolve())
+    (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _finish(out: Path, student: Student, report: dict[str, Any], amalgamator: Amalgamator,
+            teachers: list[Teacher]) -> None:
+    provenance = {"algorithm": amalgamator.name, "hyperparameters": amalgamator.describe(),
+                  "teachers": [{"name": t.name, **t.source} for t in teachers]}
+    card = reporting.model_card(report, provenance)
+    save_model_repo(student, out / "student", card, extra_config={"amalgamation": provenance})
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    reporting.plot_curves(out)
+
+
+# --- supervised training --------------------------------------------------------------
+
+
+def train(config_path: str | Path, output: str | Path | None = None,
+          overrides: list[str] | None = None, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Run ``kamal train``: supervised training of one classification model."""
+    cfg, _ = load_config(TrainRunConfig, config_path, overrides)
+    out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    train_data = _dataset(cfg.data.train, "data.train")
+    if not train_data.classes:
+        raise ConfigError("data.train: this dataset has no labels; kamal train needs labeled data")
+    eval_data = _dataset(cfg.data.eval, "data.eval") if cfg.data.eval else None
+    task = ClassificationTask(cfg.model.task, train_data.classes)
+    spec = InputSpec(train_data.channels, tuple(train_data.size), tuple(cfg.model.mean),
+                     tuple(cfg.model.std))
+    try:
+        model = KamalModel(cfg.model.architecture, [task], spec, cfg.model.architecture_kwargs)
+    except RegistryError as exc:
+        raise ConfigError(f"model.architecture: {exc}") from None
+    model.to(device)
+    if eval_data is not None:
+        check_data_matches(eval_data, spec, "data.eval")
+
+    def step(batch: tuple[Tensor, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        images, labels = batch
+        return {"ce": F.cross_entropy(model(images)[task.name], labels)}
+
+    def evaluator() -> dict[str, dict[str, float]]:
+        model.eval()
+        return evaluate(model, [task], eval_data, device)
+
+    trainer = Trainer(modules={"student": model}, dataset=train_data, step_fn=step, cfg=cfg.train,
+                      output_dir=out, device=device,
+                      evaluator=evaluator if eval_data is not None else None,
+                      objective=_objective(model), resume=resume, progress=progress)
+    trainer.fit()
+    model.eval()
+    report = {"model": reporting.model_entry(model, eval_data, device, "model")}
+    card = reporting.model_card(report, {"trained_with": "kamal train",
+                                         "config": cfg.model_dump()})
+    save_model_repo(model, out / "model", card)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    reporting.plot_curves(out)
+    return report
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | None = None,
+                  with_teachers: bool = False, device_name: str = "auto") -> dict[str, Any]:
+    """Metrics of a model repo (or a run folder's student), optionally beside its teachers."""
+    folder = Path(model_dir)
+    if (folder / "student" / "config.json").exists():
+        folder = folder / "student"
+    elif (folder / "model" / "config.json").exists():
+        folder = folder / "model"
+    device = resolve_device(device_name)
+    model = load_model(folder).to(device).eval()
+    name, _, split = data.rpartition(":") if ":" in data else (data, "", "")
+    if not name:
+        name, split = data, ""
+    dataset = build_dataset(name, split or None, options, key="--data")
+    check_data_matches(dataset, model.input_spec, "--data")
+    result: dict[str, Any] = {"model": reporting.model_entry(model, dataset, device, str(folder))}
+    if with_teachers:
+        config = json.loads((folder / "config.json").read_text())
+        recorded = (config.get("amalgamation") or {}).get("teachers") or []
+        if not recorded:
+            raise KamalError(f"{folder} records no teachers (it was not made by kamal amalgamate)")
+        teachers = []
+        for i, entry in enumerate(recorded):
+            ref = TeacherRef(name=entry["name"], path=entry.get("path"), hub=entry.get("hub"),
+                             revision=entry.get("revision"))
+            teachers.append(resolve_teacher(ref, Path.cwd(), i).to(device))
+        result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
+        merger = LogitMerger(teachers, model.tasks)
+        merger.calibrate(teachers, _images(dataset), device)
+        result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
+                                                  model.tasks, dataset, device)}
+    return result
+
+
+__all__ = ["amalgamate", "train", "evaluate_repo", "AmalgamationStep", "count_parameters",
+           "cpu_latency_ms"]

@@ -1,0 +1,5 @@
+"""Built-in tasks."""
+
+from .classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]

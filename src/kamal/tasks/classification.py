@@ -1,0 +1,107 @@
+"""Classification: KL distillation at a temperature, top-1/top-5 accuracy, class-union merge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ModelRepoError
+from ..interfaces import Meter, Task
+
+
+class AccuracyMeter(Meter):
+    """Top-1 and top-5 accuracy over samples whose target is in the task (target >= 0)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.k = min(5, num_classes)
+        self.correct1 = 0
+        self.correctk = 0
+        self.count = 0
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        keep = target >= 0
+        output, target = output[keep], target[keep]
+        if target.numel() == 0:
+            return
+        topk = output.topk(self.k, dim=1).indices
+        hits = topk == target[:, None]
+        self.correct1 += int(hits[:, 0].sum())
+        self.correctk += int(hits.any(dim=1).sum())
+        self.count += int(target.numel())
+
+    def compute(self) -> dict[str, float]:
+        if self.count == 0:
+            return {}
+        return {"top1": self.correct1 / self.count, f"top{self.k}": self.correctk / self.count,
+                "samples": float(self.count)}
+
+
+class ClassificationTask(Task):
+    """Predict one of ``classes`` (named, so teachers with overlapping classes can merge)."""
+
+    kind = "classification"
+    primary_metric = "top1"
+
+    def __init__(self, name: str, classes: Sequence[str]) -> None:
+        super().__init__(name)
+        self.classes = [str(c) for c in classes]
+        if not self.classes:
+            raise ModelRepoError(f"classification task '{name}' has no classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ModelRepoError(f"classification task '{name}' repeats class names")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassificationTask:
+        return cls(data["name"], data["classes"])
+
+    def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+        """Hinton's KL(teacher || student) at ``temperature``, scaled by T^2."""
+        t = temperature
+        return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                        reduction="batchmean", log_target=True) * (t * t)
+
+    def new_meter(self) -> AccuracyMeter:
+        return AccuracyMeter(self.num_outputs)
+
+    @classmethod
+    def merge(cls, tasks: Sequence[Task], name: str) -> ClassificationTask:
+        """Union of class names, in order of first appearance."""
+        classes: list[str] = []
+        for task in tasks:
+            assert isinstance(task, ClassificationTask)
+            classes += [c for c in task.classes if c not in classes]
+        return cls(name, classes)
+
+    def positions(self, teacher_task: ClassificationTask) -> list[int]:
+        """Index in this task of each of ``teacher_task``'s classes."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        try:
+            return [index[c] for c in teacher_task.classes]
+        except KeyError as exc:
+            raise ModelRepoError(f"class {exc} of task '{teacher_task.name}' is not in "
+                                 f"task '{self.name}'") from None
+
+    def embed(self, teacher_task: Task, output: Tensor) -> Tensor:
+        assert isinstance(teacher_task, ClassificationTask)
+        out = output.new_full((output.shape[0], self.num_outputs), float("-inf"))
+        out[:, self.positions(teacher_task)] = output
+        return out
+
+    def map_targets(self, dataset_classes: Sequence[str] | None, targets: Tensor) -> Tensor:
+        """Dataset label indices -> this task's indices; classes outside the task become -1."""
+        if dataset_classes is None:
+            return targets
+        index = {c: i for i, c in enumerate(self.classes)}
+        lookup = torch.tensor([index.get(str(c), -1) for c in dataset_classes] + [-1])
+        return lookup[targets.clamp(min=-1)]  # -1 (unlabeled) maps to the trailing -1
