@@ -39,6 +39,11 @@ _EXPORTS = {
     "FeatureTap": "kamal.features",
     "LogitMerger": "kamal.merging",
     "ClassificationTask": "kamal.tasks.classification",
+    "SegmentationTask": "kamal.tasks.dense",
+    "DepthTask": "kamal.tasks.dense",
+    "SegNet": "kamal.models.segnet",
+    "PairedDataset": "kamal.data.paired",
+    "PairedTransform": "kamal.data.paired",
     "ImageDataset": "kamal.data.base",
     "TensorImageDataset": "kamal.data.base",
     "Trainer": "kamal.engine",
@@ -77,15 +82,28 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers see the real names
     from .data.base import ImageDataset, TensorImageDataset
+    from .data.paired import PairedDataset, PairedTransform
     from .engine import StepInfo, Trainer
     from .errors import ConfigError, KamalError, ModelRepoError, NonFiniteLossError, RegistryError
     from .features import FeatureTap
     from .hookspecs import Register, hookimpl
-    from .interfaces import (Amalgamator, AmalgamatorConfig, Batch, FeatureRequest, InputSpec,
-                             Meter, Student, StudentSpec, Task, Teacher)
+    from .interfaces import (
+        Amalgamator,
+        AmalgamatorConfig,
+        Batch,
+        FeatureRequest,
+        InputSpec,
+        Meter,
+        Student,
+        StudentSpec,
+        Task,
+        Teacher,
+    )
     from .merging import LogitMerger
     from .models.base import Architecture, KamalModel, merge_tasks
+    from .models.segnet import SegNet
     from .plugins import get_registry
     from .repo import load_model, load_teacher, save_model_repo
     from .run import amalgamate, evaluate_repo, train
     from .tasks.classification import ClassificationTask
+    from .tasks.dense import DepthTask, SegmentationTask

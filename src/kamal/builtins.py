@@ -16,22 +16,28 @@ def register_amalgamators(register: Register) -> None:
 
 @hookimpl
 def register_tasks(register: Register) -> None:
-    """Classification (dense tasks come with their plugins)."""
+    """Classification, and the dense tasks segmentation and depth."""
     register("classification", "kamal.tasks.classification:ClassificationTask")
+    register("segmentation", "kamal.tasks.dense:SegmentationTask")
+    register("depth", "kamal.tasks.dense:DepthTask")
 
 
 @hookimpl
 def register_architectures(register: Register) -> None:
-    """Small CNNs and torchvision classifiers."""
+    """Small CNNs, torchvision classifiers and a small SegNet for dense tasks."""
     register("small-cnn", "kamal.models.small:SMALL_CNN")
     register("small-vgg", "kamal.models.small:SMALL_VGG")
     for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small"):
         register(name, f"kamal.models.torchvision_models:{name.upper()}")
+    register("segnet", "kamal.models.segnet:SEGNET")
 
 
 @hookimpl
 def register_datasets(register: Register) -> None:
-    """Digits (shipped with scikit-learn), image folders, torchvision datasets on disk."""
+    """Digits (shipped with scikit-learn), procedural scenes, image folders, paired image/mask/depth
+    folders and torchvision datasets on disk."""
     register("digits", "kamal.data.digits:build_digits")
     register("image-folder", "kamal.data.folders:build_image_folder")
     register("torchvision", "kamal.data.folders:build_torchvision")
+    register("scenes", "kamal.data.scenes:build_scenes")
+    register("paired-folder", "kamal.data.paired:build_paired_folder")

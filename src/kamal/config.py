@@ -133,6 +133,8 @@ class ModelSpec(_Strict):
     architecture: str
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     task: str = Field(description="Name of the task (its classes come from the training data).")
+    task_kind: str = Field("classification", description="Registered task kind: "
+                           "classification, segmentation, depth, or one a plugin adds.")
     mean: list[float] = Field(default_factory=lambda: [0.5])
     std: list[float] = Field(default_factory=lambda: [0.5])
 

@@ -121,8 +121,12 @@ class Trainer:
     def __init__(self, *, modules: dict[str, nn.Module], dataset: Dataset, step_fn: StepFn,
                  cfg: TrainConfig, output_dir: str | Path, device: torch.device,
                  evaluator: Evaluator | None = None, objective: Objective | None = None,
-                 resume: bool = False, progress: bool = True) -> None:
+                 resume: bool = False, progress: bool = True,
+                 interrupt_after_steps: int | None = None) -> None:
         self.modules = modules
+        # for tests: behave as if Ctrl-C arrived after this many steps of this session
+        self.interrupt_after_steps = interrupt_after_steps
+        self._session_steps = 0
         self.dataset = dataset
         self.step_fn = step_fn
         self.cfg = cfg
@@ -231,9 +235,13 @@ class Trainer:
             count += 1
             if self.global_step % self.cfg.log_every == 0:
                 self._log({"stage": stage, "epoch": epoch, "step": self.global_step,
-                           "lr": optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in values.items()}})
+                           "lr": optimizer.param_groups[0]["lr"],
+                           **{f"loss/{k}": v for k, v in values.items()}})
             self.progress.step(f"[{stage}] epoch {epoch + 1}/{epochs} batch {index + 1}/{len(loader)} "
                                f"loss {float(total.detach()):.4f}")
+            self._session_steps += 1
+            if self._session_steps == self.interrupt_after_steps:
+                stop.requested = True
             if stop.requested:
                 self._save_latest(stage, epoch, index + 1, optimizer, scheduler)
                 raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
@@ -275,7 +283,7 @@ class Trainer:
                 where = (f"the last good checkpoint is {self.latest_path}" if self.latest_path.exists()
                          else "no checkpoint had been written yet")
                 raise NonFiniteLossError(
-                    f"loss '{name}' became {float(value)} at stage '{info.stage}', epoch "
+                    f"loss '{name}' became {float(value.detach())} at stage '{info.stage}', epoch "
                     f"{info.epoch + 1}, step {info.step + 1}; training stopped and {where}. "
                     "Lower train.optimizer.lr or set train.grad_clip, then run again "
                     "(--resume continues from that checkpoint).")

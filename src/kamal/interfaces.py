@@ -117,6 +117,15 @@ class Task(ABC):
         """Map dataset targets into this task's label space (-1 = not in this task)."""
         return targets
 
+    def supervised_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Scalar loss of ``output`` against ground truth already passed through
+        :meth:`map_targets` (used by ``kamal train``). Tasks that cannot be trained with labels
+        keep this default."""
+        from .errors import KamalError
+
+        raise KamalError(f"task kind '{self.kind}' has no supervised loss; kamal train cannot "
+                         "train it")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.to_dict()})"
 

@@ -48,8 +48,10 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
 
         for mode in ("standardize", "naive"):
             merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
+            if not merger.targets:  # it merges classification only; dense teachers stand alone
+                break
             merger.calibrate(teachers, _images(eval_data), device)
-            metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), student.tasks,
+            metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -26,12 +25,11 @@ from .engine import Objective, StepInfo, Trainer, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .features import FeatureTap
-from .interfaces import Amalgamator, Batch, InputSpec, Student, StudentSpec, Teacher
+from .interfaces import Amalgamator, Batch, InputSpec, Student, StudentSpec, Task, Teacher
 from .merging import LogitMerger
 from .models.base import KamalModel, common_input_spec
 from .plugins import get_registry
 from .repo import load_model, load_teacher, save_model_repo
-from .tasks.classification import ClassificationTask
 
 RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
 
@@ -100,8 +98,7 @@ def check_data_matches(dataset: ImageDataset, spec: InputSpec, key: str) -> None
 
 
 def _images(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
-    for batch in DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False):
-        yield batch
+    yield from DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False)
 
 
 @dataclass
@@ -150,8 +147,11 @@ def _objective(student: Student) -> Objective | None:
 
 def amalgamate(config_path: str | Path, output: str | Path | None = None,
                overrides: list[str] | None = None, resume: bool = False,
-               progress: bool = True) -> dict[str, Any]:
-    """Run ``kamal amalgamate``: returns the report (also written to ``report.json``)."""
+               progress: bool = True, interrupt_after_steps: int | None = None) -> dict[str, Any]:
+    """Run ``kamal amalgamate``: returns the report (also written to ``report.json``).
+
+    ``interrupt_after_steps`` simulates Ctrl-C after that many steps (for resume tests).
+    """
     cfg, base_dir = load_config(RunConfig, config_path, overrides)
     cls, algo_cfg = _load_amalgamator(cfg)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
@@ -184,7 +184,7 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
         dataset=UnlabeledView(transfer), step_fn=AmalgamationStep(teachers, student, amalgamator),
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=evaluator if eval_data is not None else None, objective=_objective(student),
-        resume=resume, progress=progress)
+        resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps)
     amalgamator.amalgamate(trainer)
 
     student.eval()
@@ -222,17 +222,19 @@ def _finish(out: Path, student: Student, report: dict[str, Any], amalgamator: Am
 
 def train(config_path: str | Path, output: str | Path | None = None,
           overrides: list[str] | None = None, resume: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Run ``kamal train``: supervised training of one classification model."""
+          progress: bool = True, interrupt_after_steps: int | None = None) -> dict[str, Any]:
+    """Run ``kamal train``: supervised training of one model for one task.
+
+    The task kind is ``model.task_kind`` (default classification); its classes come from the
+    training data, and its loss from :meth:`Task.supervised_loss`.
+    """
     cfg, _ = load_config(TrainRunConfig, config_path, overrides)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     train_data = _dataset(cfg.data.train, "data.train")
-    if not train_data.classes:
-        raise ConfigError("data.train: this dataset has no labels; kamal train needs labeled data")
     eval_data = _dataset(cfg.data.eval, "data.eval") if cfg.data.eval else None
-    task = ClassificationTask(cfg.model.task, train_data.classes)
+    task = _train_task(cfg.model.task, cfg.model.task_kind, train_data)
     spec = InputSpec(train_data.channels, tuple(train_data.size), tuple(cfg.model.mean),
                      tuple(cfg.model.std))
     try:
@@ -243,9 +245,15 @@ def train(config_path: str | Path, output: str | Path | None = None,
     if eval_data is not None:
         check_data_matches(eval_data, spec, "data.eval")
 
-    def step(batch: tuple[Tensor, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        images, labels = batch
-        return {"ce": F.cross_entropy(model(images)[task.name], labels)}
+    loss_name = "ce" if task.kind == "classification" else task.kind
+
+    def step(batch: tuple[Tensor, Any], info: StepInfo) -> dict[str, Tensor]:
+        images, targets = batch
+        output = model(images)[task.name]
+        # map on the CPU (as evaluation does), then move: the trainer leaves dict targets there
+        cpu = targets.cpu() if isinstance(targets, Tensor) else targets
+        target = task.map_targets(train_data.classes, cpu).to(output.device)
+        return {loss_name: task.supervised_loss(output, target)}
 
     def evaluator() -> dict[str, dict[str, float]]:
         model.eval()
@@ -254,7 +262,8 @@ def train(config_path: str | Path, output: str | Path | None = None,
     trainer = Trainer(modules={"student": model}, dataset=train_data, step_fn=step, cfg=cfg.train,
                       output_dir=out, device=device,
                       evaluator=evaluator if eval_data is not None else None,
-                      objective=_objective(model), resume=resume, progress=progress)
+                      objective=_objective(model), resume=resume, progress=progress,
+                      interrupt_after_steps=interrupt_after_steps)
     trainer.fit()
     model.eval()
     report = {"model": reporting.model_entry(model, eval_data, device, "model")}
@@ -264,6 +273,24 @@ def train(config_path: str | Path, output: str | Path | None = None,
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     reporting.plot_curves(out)
     return report
+
+
+def _train_task(name: str, kind: str, data: ImageDataset) -> Task:
+    """The task ``kamal train`` fits: ``kind`` from the registry, classes from the data."""
+    try:
+        task_cls = get_registry().get("tasks", kind)
+    except RegistryError as exc:
+        raise ConfigError(f"model.task_kind: {exc}") from None
+    described: dict[str, Any] = {"name": name, "kind": kind}
+    if data.classes:
+        described["classes"] = list(data.classes)
+    try:
+        return task_cls.from_dict(described)
+    except (KamalError, KeyError) as exc:
+        if not data.classes:
+            raise ConfigError(f"data.train: this dataset has no class labels; a {kind} model "
+                              "needs labeled data") from None
+        raise ConfigError(f"model.task_kind: cannot build a {kind} task: {exc}") from None
 
 
 # --- evaluation -----------------------------------------------------------------------
@@ -297,9 +324,10 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
             teachers.append(resolve_teacher(ref, Path.cwd(), i).to(device))
         result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
         merger = LogitMerger(teachers, model.tasks)
-        merger.calibrate(teachers, _images(dataset), device)
-        result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
-                                                  model.tasks, dataset, device)}
+        if merger.targets:  # classification tasks only; dense teachers are listed alone
+            merger.calibrate(teachers, _images(dataset), device)
+            result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
+                                                      merger.targets, dataset, device)}
     return result
 
 

@@ -71,6 +71,10 @@ class ClassificationTask(Task):
         return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
                         reduction="batchmean", log_target=True) * (t * t)
 
+    def supervised_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy over samples whose target is in the task (target >= 0)."""
+        return F.cross_entropy(output, target, ignore_index=-1)
+
     def new_meter(self) -> AccuracyMeter:
         return AccuracyMeter(self.num_outputs)
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: the loopback Hub, installed fixture plugins, tiny teachers, helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["hub_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_PLUGINS = ROOT / "tests" / "fixtures"
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture plugins (dummy, broken, clash) pip-installed as real distributions.
+
+    Installed into a target folder (no dependencies, no build isolation) so that a
+    subprocess with that folder on PYTHONPATH discovers them through entry points.
+    """
+    target = tmp_path_factory.mktemp("plugin-site")
+    dists = [str(p) for p in sorted(FIXTURE_PLUGINS.iterdir()) if (p / "pyproject.toml").exists()]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), *dists], check=True)
+    return target
+
+
+def run_kamal(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (``python -m kamal``)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kamal", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny same-architecture digits teachers (0-4, 5-9) at 8x8, as model repos."""
+    from kamal.testing import make_tiny_teachers
+
+    return make_tiny_teachers(tmp_path_factory.mktemp("tiny-teachers"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mixed_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny digits teachers of different architectures (small-cnn, small-vgg)."""
+    from kamal.testing import make_tiny_teachers
+
+    return make_tiny_teachers(tmp_path_factory.mktemp("tiny-mixed"), same_architecture=False)

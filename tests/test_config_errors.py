@@ -1,0 +1,110 @@
+"""Bad input gets one clear message: key path, bad value, what is allowed; no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import EXAMPLES
+
+from kamal.cli import main
+
+KD = EXAMPLES / "digits" / "kd.yaml"
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(KD.read_text())
+    for t in data["teachers"]:
+        t["path"] = str((KD.parent / t["path"]).resolve())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _fail(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"train__epoch": 3}, ["train.epoch: unknown key. Did you mean 'epochs'?"]),
+    ({"studnet": {}}, ["studnet: unknown key. Did you mean 'student'?"]),
+    ({"train__epochs": "many"}, ["train.epochs:", "'many'"]),
+    ({"train__batch_size": 0}, ["train.batch_size:", "greater than or equal to 1"]),
+    ({"train__device": "gpu"}, ["train.device: unknown device 'gpu'"]),
+    ({"algorithm__temprature": 2}, ["algorithm.temprature: unknown key. Did you mean "
+                                    "'temperature'?"]),
+    ({"algorithm__merge": "magic"}, ["algorithm.merge:", "'standardize' or 'naive'"]),
+    ({"algorithm__name": "cfll"}, ["algorithm.name: unknown algorithm 'cfll'", "Installed:",
+                                   "pip install kamal-plugin-cfll"]),
+    ({"student__architecture": "small-cn"}, ["unknown architecture 'small-cn'",
+                                             "Did you mean 'small-cnn'?"]),
+    ({"student__architecture_kwargs": {"widht": 8}}, ["has no option 'widht'", "width"]),
+    ({"data__transfer__dataset": "digit"}, ["data.transfer.dataset: unknown dataset 'digit'",
+                                            "Did you mean 'digits'?"]),
+    ({"data__transfer__split": "validation"}, ["data.transfer", "unknown split 'validation'"]),
+    ({"data__transfer__size": 32}, ["data.transfer: images are 1x32x32 but the models expect "
+                                    "1x16x16"]),
+    ({"teachers__0__path": "/does/not/exist"}, ["teachers.0", "'/does/not/exist' does not exist"]),
+    ({"teachers__0__hub": "org/x"}, ["teachers.0: give exactly one of 'path'"]),
+    ({"student": None}, ["student: Field required"]),
+])
+def test_config_errors_name_the_key_and_the_fix(tmp_path, changes, expected):
+    output = _fail("amalgamate", str(_config(tmp_path, **changes)), "-o", str(tmp_path / "out"))
+    for fragment in expected:
+        assert fragment in output
+
+
+def test_missing_config_file(tmp_path):
+    assert "config file" in _fail("amalgamate", str(tmp_path / "nope.yaml"))
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teachers: [unclosed\n")
+    assert "not valid YAML" in _fail("amalgamate", str(path))
+
+
+def test_bad_override_syntax(tmp_path):
+    assert "expected key.path=value" in _fail("amalgamate", str(KD), "--set", "train.epochs")
+
+
+def test_teachers_with_different_inputs(tmp_path, tiny_teachers):
+    path = _config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["teachers"][1]["path"] = str(tiny_teachers[1])  # 8x8 teacher beside a 16x16 one
+    path.write_text(yaml.safe_dump(data))
+    output = _fail("amalgamate", str(path), "-o", str(tmp_path / "out"))
+    assert "teachers disagree on their input" in output and "(16, 16)" in output
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    output = _fail("amalgamate", str(KD), "-o", str(out))
+    assert "already holds a run" in output and "--resume" in output
+    assert (out / "report.json").read_text() == "{}"
+
+
+def test_resume_without_checkpoint(tmp_path):
+    assert "no checkpoints/latest.safetensors" in _fail("amalgamate", str(KD), "-o",
+                                                         str(tmp_path), "--resume")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["--debug", "amalgamate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0 and result.exception is not None

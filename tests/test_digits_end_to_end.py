@@ -1,0 +1,51 @@
+"""The README's main job: two shipped digits teachers -> one 10-class kd student, no labels."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import EXAMPLES, ROOT, run_kamal
+
+from kamal import load_model
+
+
+def test_kd_example_reaches_90_percent_without_labels(tmp_path):
+    out = tmp_path / "digits-kd"
+    result = run_kamal("amalgamate", str(EXAMPLES / "digits" / "kd.yaml"), "-o", str(out),
+                       "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "student (kd)" in result.stdout and "teachers' ensemble" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    student = report["student"]["metrics"]["digits"]["top1"]
+    naive = report["ensemble_naive"]["metrics"]["digits"]["top1"]
+    assert student >= 0.90, report["student"]
+    assert student > naive + 0.15  # the calibrated merge is what makes it work
+    for teacher in report["teachers"]:
+        (metrics,) = teacher["metrics"].values()
+        assert metrics["top1"] > 0.95 and len(teacher["source"]["sha256"]) == 64
+    assert report["student"]["params"] > 0 and report["student"]["latency_ms"] > 0
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (out / "student" / name).exists()
+    assert (out / "loss.png").exists() and (out / "eval.png").exists()
+    assert (out / "checkpoints" / "latest.safetensors").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(x) for x in lines if '"event": "epoch"' in x]
+    assert epochs[-1]["loss/kd/digits"] < epochs[0]["loss/kd/digits"]
+    card = (out / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: kamal") and "digits-0-4" in card
+    # the student is a model repo that can be the next run's teacher, and evaluate reads it
+    assert load_model(out / "student").tasks[0].classes == [str(d) for d in range(10)]
+    result = run_kamal("evaluate", str(out), "--data", "digits:test", "--option", "size=16",
+                       "--teachers", "--json", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    assert abs(evaluated["model"]["metrics"]["digits"]["top1"] - student) < 1e-9
+    assert len(evaluated["teachers"]) == 2 and "ensemble" in evaluated
+
+
+def test_cli_version_and_help():
+    result = run_kamal("--version")
+    assert result.returncode == 0 and result.stdout.startswith("kamal, version ")
+    help_text = run_kamal("--help").stdout
+    for command in ("amalgamate", "train", "evaluate", "list-plugins"):
+        assert command in help_text

@@ -1,0 +1,141 @@
+"""The training loop: bit-exact resume, the non-finite-loss stop, Ctrl-C, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from typing import Literal
+
+import pytest
+import torch
+from pydantic import Field
+
+from kamal import Amalgamator, AmalgamatorConfig, NonFiniteLossError, hookimpl, load_model
+from kamal.checkpoint import load_state
+from kamal.engine import Interrupted
+from kamal.plugins import register_plugin, unregister_plugin
+from kamal.run import amalgamate, train
+from kamal.testing import write_run_config
+
+
+def _state(folder):
+    return load_model(folder).state_dict()
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("interrupt_after", [7, 14])  # mid-epoch, and exactly at an epoch end
+def test_resume_is_bit_exact(tmp_path, tiny_teachers, interrupt_after):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
+    amalgamate(config, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupted, match="--resume"):
+        amalgamate(config, tmp_path / "cut", progress=False, interrupt_after_steps=interrupt_after)
+    assert not (tmp_path / "cut" / "student").exists()
+    amalgamate(config, tmp_path / "cut", progress=False, resume=True)
+    _assert_same_weights(_state(tmp_path / "full" / "student"), _state(tmp_path / "cut" / "student"))
+
+
+def test_supervised_training_resumes_bit_exact(tmp_path):
+    import yaml
+
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"architecture": "small-cnn", "architecture_kwargs": {"width": 4}, "task": "d"},
+        "data": {"train": {"dataset": "digits", "split": "train", "augment": True}},
+        "train": {"epochs": 2, "batch_size": 64, "device": "cpu"}}))
+    train(config, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "cut", progress=False, interrupt_after_steps=3)
+    train(config, tmp_path / "cut", progress=False, resume=True)
+    _assert_same_weights(_state(tmp_path / "full" / "model"), _state(tmp_path / "cut" / "model"))
+
+
+class ExplodingConfig(AmalgamatorConfig):
+    """Hyperparameters of the exploding test algorithm."""
+
+    name: Literal["exploding"] = "exploding"
+    explode_at: int = Field(20, description="Global step at which the loss becomes NaN.")
+
+
+class Exploding(Amalgamator):
+    """Plain KD whose loss turns NaN at a chosen step."""
+
+    name = "exploding"
+    Config = ExplodingConfig
+
+    def losses(self, batch):
+        task = self.student.tasks[0]
+        merged = torch.cat([o[t.name] for o, teacher in zip(batch.teacher_outputs, self.teachers, strict=True)
+                            for t in teacher.tasks], dim=1)
+        loss = task.distill_loss(batch.student_outputs[task.name], merged)
+        if batch.step >= self.config.explode_at:
+            loss = loss * float("nan")
+        return {"kd": loss}
+
+
+@pytest.fixture
+def exploding_plugin():
+    plugin = types.SimpleNamespace(
+        register_amalgamators=hookimpl(lambda register: register("exploding", Exploding)))
+    register_plugin(plugin, "exploding-test")
+    yield
+    unregister_plugin("exploding-test")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_teachers,
+                                                                     exploding_plugin):
+    config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "exploding",
+                                                                   "explode_at": 10}, epochs=3)
+    with pytest.raises(NonFiniteLossError) as info:
+        amalgamate(config, tmp_path / "run", progress=False)
+    message = str(info.value)
+    assert "loss 'kd' became nan" in message and "epoch 2, step 11" in message
+    assert "latest.safetensors" in message and "train.optimizer.lr" in message
+    state = load_state(tmp_path / "run" / "checkpoints" / "latest.safetensors")
+    assert state["epoch"] == 1 and state["global_step"] == 540 // 64  # the last good epoch end
+    weights = state["modules"]["student"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    leftovers = [p for p in (tmp_path / "run").rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path, tiny_teachers, exploding_plugin):
+    config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "exploding",
+                                                                   "explode_at": 0}, epochs=1)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+        amalgamate(config, tmp_path / "run", progress=False)
+
+
+def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=200)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "kamal", "amalgamate", str(config), "-o",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "latest.safetensors").exists():
+        time.sleep(0.2)
+    assert (out / "checkpoints" / "latest.safetensors").exists(), proc.stderr
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    state = load_state(out / "checkpoints" / "latest.safetensors")
+    assert state["global_step"] > 0
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "epoch" for e in events)
+    # resume with fewer epochs left is refused by nothing: it continues from the checkpoint
+    result = subprocess.run([sys.executable, "-m", "kamal", "amalgamate", str(config), "-o",
+                             str(out), "--resume", "--quiet", "--set",
+                             f"train.epochs={state['epoch'] + 1}"],
+                            capture_output=True, text=True, timeout=300, env=os.environ)
+    assert result.returncode == 0, result.stderr
+    assert (out / "student" / "model.safetensors").exists()

@@ -1,0 +1,101 @@
+"""Plugin discovery: built-ins, real installed distributions, broken plugins, name clashes."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+from conftest import ROOT, run_kamal
+
+from kamal import RegistryError, hookimpl
+from kamal.plugins import get_registry, plugin_infos, register_plugin, unregister_plugin
+
+
+def test_builtins_are_registered_through_the_hooks():
+    registry = get_registry()
+    assert "kd" in registry.names("amalgamators")
+    assert {"small-cnn", "small-vgg", "resnet18"} <= set(registry.names("architectures"))
+    assert {"digits", "image-folder", "torchvision"} <= set(registry.names("datasets"))
+    core = next(i for i in plugin_infos() if i.name == "kamal")
+    assert core.status == "ok" and "register_amalgamators" in core.hooks
+
+
+def test_installed_plugin_is_discovered_and_usable(plugin_site, tmp_path):
+    env = {"PYTHONPATH": str(plugin_site), "KAMAL_DISABLE_PLUGINS": "kamal-plugin-clash"}
+    result = run_kamal("list-plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    infos = {i["name"]: i for i in json.loads(result.stdout)}
+    dummy = infos["kamal-plugin-dummy"]
+    assert dummy["status"] == "ok"
+    assert dummy["distribution"] == "kamal-plugin-dummy" and dummy["version"] == "0.0.1"
+    assert dummy["provides"] == {"amalgamators": ["dummy"], "architectures": ["dummy-cnn"]}
+
+
+def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(plugin_site):
+    env = {"PYTHONPATH": str(plugin_site), "KAMAL_DISABLE_PLUGINS": "kamal-plugin-clash"}
+    result = run_kamal("list-plugins", "--json", env=env)
+    assert result.returncode == 0
+    infos = {i["name"]: i for i in json.loads(result.stdout)}
+    broken = infos["kamal-plugin-broken"]
+    assert broken["status"] == "error"
+    assert "kamal_dependency_that_does_not_exist" in broken["error"]
+    assert infos["kamal"]["status"] == "ok" and infos["kamal-plugin-dummy"]["status"] == "ok"
+    text = run_kamal("list-plugins", env=env)
+    assert "kamal-plugin-broken" in text.stdout and "ERROR" in text.stdout
+
+
+def test_strict_mode_turns_a_broken_plugin_into_an_error(plugin_site):
+    env = {"PYTHONPATH": str(plugin_site), "KAMAL_STRICT_PLUGINS": "1"}
+    result = run_kamal("list-plugins", env=env)
+    assert result.returncode != 0
+    assert "kamal-plugin-broken" in result.stderr
+
+
+def test_name_clash_between_distributions_names_both(plugin_site):
+    env = {"PYTHONPATH": str(plugin_site), "KAMAL_DISABLE_PLUGINS": "kamal-plugin-broken"}
+    result = run_kamal("list-plugins", "--json", env=env)
+    infos = {i["name"]: i for i in json.loads(result.stdout)}
+    for name in ("kamal", "kamal-plugin-clash"):
+        assert infos[name]["status"] == "error"
+        assert "kamal-plugin-clash" in infos[name]["error"] and "kamal" in infos[name]["error"]
+    # using the clashing name is an error naming both distributions
+    result = run_kamal("amalgamate", "examples/digits/kd.yaml", "-o", "unused", env=env,
+                       cwd=ROOT)
+    assert result.returncode != 0
+    assert "registered by several distributions (kamal, kamal-plugin-clash)" in result.stderr
+
+
+def test_load_plugins_switch_limits_discovery(plugin_site):
+    env = {"PYTHONPATH": str(plugin_site), "KAMAL_LOAD_PLUGINS": "kamal-plugin-dummy"}
+    names = [i["name"] for i in json.loads(run_kamal("list-plugins", "--json", env=env).stdout)]
+    assert names == ["kamal", "kamal-plugin-dummy"]
+    env["KAMAL_LOAD_PLUGINS"] = ""
+    names = [i["name"] for i in json.loads(run_kamal("list-plugins", "--json", env=env).stdout)]
+    assert names == ["kamal"]
+
+
+def test_in_process_plugin_registration_and_clash():
+    plugin = types.SimpleNamespace(
+        register_datasets=hookimpl(lambda register: register("digits", "x:y")))
+    register_plugin(plugin, "clashing-test-plugin")
+    try:
+        with pytest.raises(RegistryError, match="clashing-test-plugin"):
+            get_registry().get("datasets", "digits")
+    finally:
+        unregister_plugin("clashing-test-plugin")
+    assert get_registry().get("datasets", "digits").__name__ == "build_digits"
+
+
+def test_list_plugins_and_help_do_not_import_torch():
+    for args in (["--help"], ["list-plugins"]):
+        code = (f"import sys, runpy; sys.argv = ['kamal', *{args!r}]\n"
+                "try:\n    runpy.run_module('kamal', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "assert 'torch' not in sys.modules, 'torch was imported'\n"
+                "print('NO_TORCH')")
+        import subprocess
+        import sys
+
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert "NO_TORCH" in result.stdout, result.stderr
