@@ -29,6 +29,27 @@ def tests(session: nox.Session) -> None:
     _install_everything(session)
     session.run("kamal", "list-plugins")
     session.run("pytest", *(session.posargs or ["-q"]))
+    _scaffolded_plugin_works(session)
+
+
+def _scaffolded_plugin_works(session: nox.Session) -> None:
+    """`kamal new-plugin` output installs, passes its own tests and runs through the CLI."""
+    tmp = Path(session.create_tmp()) / "scaffold"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    session.run("kamal", "new-plugin", "scaffold-check", "--dir", str(tmp))
+    plugin = tmp / "kamal-plugin-scaffold-check"
+    session.install(str(plugin))
+    session.run("pytest", "-q", "-p", "no:cacheprovider", str(plugin / "tests"))
+    config = tmp / "run.yaml"
+    config.write_text((ROOT / "examples" / "digits" / "kd.yaml").read_text()
+                      .replace("path: teachers/", f"path: {ROOT}/examples/digits/teachers/")
+                      .replace("name: kd", "name: scaffold-check").replace("  merge: standardize", "")
+                      .replace("epochs: 30", "epochs: 2"))
+    session.run("kamal", "amalgamate", str(config), "--output", str(tmp / "run"), "--quiet")
+    session.run("pip", "uninstall", "-y", "kamal-plugin-scaffold-check")
 
 
 @nox.session(python="3.11")

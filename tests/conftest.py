@@ -39,16 +39,8 @@ def run_kamal(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 @pytest.fixture(scope="session")
-def tiny_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def tiny_teachers() -> list[Path]:
     """Two tiny same-architecture digits teachers (0-4, 5-9) at 8x8, as model repos."""
     from kamal.testing import make_tiny_teachers
 
-    return make_tiny_teachers(tmp_path_factory.mktemp("tiny-teachers"))
-
-
-@pytest.fixture(scope="session")
-def tiny_mixed_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two tiny digits teachers of different architectures (small-cnn, small-vgg)."""
-    from kamal.testing import make_tiny_teachers
-
-    return make_tiny_teachers(tmp_path_factory.mktemp("tiny-mixed"), same_architecture=False)
+    return make_tiny_teachers()

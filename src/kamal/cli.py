@@ -137,5 +137,18 @@ def _format_eval(result: dict[str, Any]) -> str:
     return format_table(result)
 
 
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to create kamal-plugin-NAME.")
+def new_plugin(name: str, directory: str) -> None:
+    """Create a ready-to-install plugin package kamal-plugin-NAME."""
+    from .scaffold import new_plugin as write_plugin
+
+    root = write_plugin(name, directory)
+    click.echo(f"created {root}\nnext: pip install {root} && kamal list-plugins && "
+               f"pytest {root}/tests")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

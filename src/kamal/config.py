@@ -83,20 +83,20 @@ class TrainingData(_Strict):
 class OptimizerConfig(_Strict):
     """Optimizer of the student (and of an algorithm's trainable blocks)."""
 
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
     lr: float = Field(1e-3, gt=0, description="Learning rate.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
 
 
 class TrainConfig(_Strict):
     """The training loop."""
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(20, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(64, ge=1, description="Images per step.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: Literal["cosine", "none"] = "cosine"
-    seed: int = 0
+    scheduler: Literal["cosine", "none"] = Field("cosine", description="LR schedule over all steps.")
+    seed: int = Field(0, description="Seeds initialisation, shuffling and augmentation.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     log_every: int = Field(10, ge=1, description="Log the losses every N steps.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
@@ -114,13 +114,13 @@ class AlgorithmRef(BaseModel):
     """``name`` of a registered amalgamator; other keys are its hyperparameters."""
 
     model_config = ConfigDict(extra="allow")
-    name: str
+    name: str = Field(description="Registered amalgamator (kamal list-plugins), e.g. kd.")
 
 
 class RunConfig(_Strict):
     """``kamal amalgamate`` config."""
 
-    teachers: list[TeacherRef] = Field(min_length=1)
+    teachers: list[TeacherRef] = Field(min_length=1, description="At least one teacher.")
     student: StudentConfig
     algorithm: AlgorithmRef
     data: AmalgamationData
@@ -130,13 +130,16 @@ class RunConfig(_Strict):
 class ModelSpec(_Strict):
     """The network trained by ``kamal train``."""
 
-    architecture: str
-    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    architecture: str = Field(description="Registered architecture name.")
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                description="Options of the architecture.")
     task: str = Field(description="Name of the task (its classes come from the training data).")
     task_kind: str = Field("classification", description="Registered task kind: "
                            "classification, segmentation, depth, or one a plugin adds.")
-    mean: list[float] = Field(default_factory=lambda: [0.5])
-    std: list[float] = Field(default_factory=lambda: [0.5])
+    mean: list[float] = Field(default_factory=lambda: [0.5],
+                              description="Normalisation mean (one value or one per channel).")
+    std: list[float] = Field(default_factory=lambda: [0.5],
+                             description="Normalisation std (one value or one per channel).")
 
 
 class TrainRunConfig(_Strict):
@@ -257,3 +260,33 @@ def load_config(model: type[BaseModel], path: str | Path, overrides: list[str] |
 def config_schema(model: type[BaseModel]) -> dict[str, Any]:
     """JSON schema of a config model (for the docs)."""
     return model.model_json_schema()
+
+
+def reference_markdown(model: type[BaseModel], title: str) -> str:
+    """A Markdown table of every key of ``model`` (nested sections flattened to key paths)."""
+    rows: list[str] = []
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            path = f"{prefix}{name}"
+            inner = _unwrap(field.annotation)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                rows.append(f"| `{path}` | section | {(inner.__doc__ or '').strip()} |")
+                walk(inner, path + ".")
+                continue
+            default = "required" if field.is_required() else (
+                "[]" if field.default_factory is list else
+                "{}" if field.default_factory is dict else repr(field.default))
+            kind = _type_name(field.annotation)
+            description = (field.description or "").replace("|", "/")
+            rows.append(f"| `{path}` | `{kind}`, default `{default}` | {description} |")
+
+    walk(model, "")
+    return "\n".join([f"### {title}", "", "| key | type / default | meaning |", "|---|---|---|",
+                      *rows, ""])
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " / ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation)).replace("|", "or")

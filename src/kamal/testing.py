@@ -21,21 +21,32 @@ from typing import Any
 import yaml
 
 _TEACHER_CACHE: dict[tuple[str, Path], list[Path]] = {}
+_SHARED_DIR: list[Path] = []  # one process-wide folder for teachers made without a folder
 
 
 class ConformanceError(AssertionError):
     """An amalgamator breaks the plugin contract; the message says which rule."""
 
 
-def make_tiny_teachers(folder: str | Path, same_architecture: bool = True,
+def make_tiny_teachers(folder: str | Path | None = None, same_architecture: bool = True,
                        size: int = 8) -> list[Path]:
     """Train two tiny digits teachers (classes 0-4 and 5-9) and return their model repos.
 
     With ``same_architecture`` both are ``small-cnn``; otherwise the second is ``small-vgg``.
-    Takes a few seconds on a CPU; results are cached per process and folder.
+    Takes a few seconds on a CPU; results are cached per process and folder (without a
+    folder: in one temporary folder per process, shared by all checks).
     """
     from .run import train
 
+    if folder is None:
+        if not _SHARED_DIR:
+            import atexit
+            import shutil
+            import tempfile
+
+            _SHARED_DIR.append(Path(tempfile.mkdtemp(prefix="kamal-tiny-teachers-")))
+            atexit.register(shutil.rmtree, _SHARED_DIR[0], ignore_errors=True)
+        folder = _SHARED_DIR[0]
     folder = Path(folder)
     key = ("same" if same_architecture else "different", folder.resolve())
     if key in _TEACHER_CACHE and all(p.exists() for p in _TEACHER_CACHE[key]):
@@ -111,7 +122,7 @@ def _check_config(cls: type) -> Any:
     return config
 
 
-def _check_losses(cls: type, config: Any, teachers: list[Path]) -> None:
+def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path) -> None:
     import torch
     from torch.utils.data import DataLoader
 
@@ -136,21 +147,41 @@ def _check_losses(cls: type, config: Any, teachers: list[Path]) -> None:
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ConformanceError(f"loss '{name}' must be a scalar tensor, got {value!r:.80}")
         if not torch.isfinite(value).all():
-            raise ConformanceError(f"loss '{name}' is not finite ({float(value)})")
+            raise ConformanceError(f"loss '{name}' is not finite ({float(value.detach())})")
         if not value.requires_grad:
             raise ConformanceError(f"loss '{name}' has no gradient: it does not depend on any "
                                    "trainable parameter")
     sum(losses.values()).backward()
     if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()):
         raise ConformanceError("the losses do not back-propagate into the student")
+    _check_saveable(student, workdir)
+
+
+def _check_saveable(student: Any, workdir: Path) -> None:
+    import torch
+
+    from .repo import load_model, save_model_repo
+
+    folder = workdir / "student-save-check"
+    try:
+        save_model_repo(student, folder)
+        reloaded = load_model(folder)
+    except Exception as exc:  # any failure here is the plugin's: report it as the contract
+        raise ConformanceError(f"the student cannot be saved and reloaded as a model repo "
+                               f"({type(exc).__name__}: {exc}); build it from a registered "
+                               "architecture (kamal.KamalModel) or implement Student.config()") from exc
+    x = torch.rand(2, student.input_spec.channels, *student.input_spec.size)
+    student.eval()
+    with torch.no_grad():
+        before, after = student(x), reloaded.eval()(x)
+    if any(not torch.allclose(before[k], after[k], atol=1e-6) for k in before):
+        raise ConformanceError("the student reloaded from its model repo gives different outputs")
 
 
 def check_amalgamator(cls: type, workdir: str | Path,
                       algorithm_options: dict[str, Any] | None = None,
                       same_architecture: bool = True, epochs: int = 2) -> dict[str, Any]:
     """Run the conformance checks on amalgamator class ``cls``; returns the short run's report."""
-    import torch
-
     from .errors import KamalError
     from .plugins import unregister_plugin
     from .repo import load_model
@@ -160,10 +191,10 @@ def check_amalgamator(cls: type, workdir: str | Path,
     config = _check_config(cls)
     if algorithm_options:
         config = cls.Config(name=cls.name, **algorithm_options)
-    teachers = make_tiny_teachers(workdir / "teachers", same_architecture)
+    teachers = make_tiny_teachers(None, same_architecture)
     temporary = _ensure_registered(cls)
     try:
-        _check_losses(cls, config, teachers)
+        _check_losses(cls, config, teachers, workdir)
         algorithm = {"name": cls.name, **(algorithm_options or {})}
         path = write_run_config(workdir / f"{cls.name}.yaml", teachers, algorithm, epochs)
         try:
@@ -176,11 +207,6 @@ def check_amalgamator(cls: type, workdir: str | Path,
         except KamalError as exc:
             raise ConformanceError(f"the student cannot be reloaded as a model repo: {exc}") from exc
         _check_resume(path, workdir, reloaded)
-        x = torch.rand(4, 1, 8, 8)
-        first = reloaded.eval()(x)
-        again = load_model(student).eval()(x)
-        if any(not torch.equal(first[k], again[k]) for k in first):
-            raise ConformanceError("the student reloaded from its model repo gives different outputs")
         return report
     finally:
         if temporary:

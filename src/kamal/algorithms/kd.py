@@ -25,8 +25,9 @@ class KDConfig(AmalgamatorConfig):
         1.0, gt=0, description="Softmax temperature T of the KL loss. A higher T flattens the "
         "teachers' relative weights in the merged distribution (digits: T=4 86.5%, T=1 90.9%).")
     merge: Literal["standardize", "naive"] = Field(
-        "standardize", description="How teacher logits are merged: 'standardize' rescales each "
-        "teacher by its logit spread on the transfer data; 'naive' concatenates raw logits.")
+        "standardize", description="How teacher logits are merged: 'standardize' weighs each "
+        "teacher by its confidence z-scored on the transfer data (see kamal.merging); 'naive' "
+        "concatenates raw logits as KamalEngine did.")
     weight: float = Field(1.0, gt=0, description="Weight of the KD loss.")
 
 

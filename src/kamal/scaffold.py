@@ -1,0 +1,200 @@
+"""``kamal new-plugin NAME``: write a ready-to-install amalgamator plugin package.
+
+The generated plugin registers a working amalgamator (multi-teacher KD on the calibrated
+merged logits, plus an optional feature-matching term to show feature taps) that the author
+then changes, a test that runs kamal's conformance kit on it, and a README.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from pathlib import Path
+
+from .errors import KamalError
+
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+
+PYPROJECT = '''\
+[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "kamal-plugin-{name}"
+version = "0.1.0"
+description = "The {name} amalgamation algorithm for kamal"
+readme = "README.md"
+requires-python = ">=3.11"
+dependencies = ["kamal>={kamal_major_minor}"]
+
+[project.optional-dependencies]
+test = ["pytest>=8"]
+
+# the entry-point name is the distribution's name (pluggy skips a repeated name)
+[project.entry-points.kamal]
+kamal-plugin-{name} = "{module}.plugin"
+
+[tool.setuptools.packages.find]
+where = ["src"]
+'''
+
+PLUGIN = '''\
+"""Hook implementations: kamal imports this module to discover the plugin.
+
+Register lazily ("module:attr") so that `kamal list-plugins` does not import torch.
+"""
+
+from kamal import Register, hookimpl
+
+
+@hookimpl
+def register_amalgamators(register: Register) -> None:
+    """The {name} amalgamator."""
+    register("{name}", "{module}.algorithm:{cls}")
+'''
+
+ALGORITHM = '''\
+"""The {name} amalgamator.
+
+Starts as multi-teacher knowledge distillation on the teachers' calibrated merged logits,
+plus an optional term matching the student's pooled feature to a projection of the
+teachers'. Change `losses` (and `Config`) to implement your algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from kamal import Amalgamator, AmalgamatorConfig, Batch, FeatureRequest, LogitMerger, Student
+
+
+class {cls}Config(AmalgamatorConfig):
+    """Hyperparameters of {name}; every field needs a default and a description."""
+
+    name: Literal["{name}"] = "{name}"
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD loss.")
+    feature_weight: float = Field(0.0, ge=0, description="Weight of the feature-matching loss "
+                                  "(0 disables it).")
+
+
+class {cls}(Amalgamator):
+    """KD on merged teacher logits (+ optional feature matching): edit me."""
+
+    name = "{name}"
+    Config = {cls}Config
+    config: {cls}Config
+
+    def feature_layers(self) -> FeatureRequest:
+        if not self.config.feature_weight:
+            return FeatureRequest()
+        teacher_layers = [[f"{{t.model.head_layer}}:in"] for t in self.teachers]
+        return FeatureRequest(teacher_layers, [f"{{self.student.head_layer}}:in"])
+
+    def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
+        super().setup(student, transfer_images)
+        device = next(student.parameters()).device
+        self.merger = LogitMerger(self.teachers, student.tasks)
+        self.merger.calibrate(self.teachers, transfer_images, device)
+        self.projection = None
+        if self.config.feature_weight:
+            # lazily sized on the first batch: teacher features -> student feature width
+            self.projection = nn.LazyLinear(1).to(device)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {{"merger": self.merger}}
+        if self.projection is not None:
+            modules["projection"] = self.projection
+        return modules
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        merged = self.merger(batch.teacher_outputs)
+        losses = {{f"kd/{{task.name}}": task.distill_loss(batch.student_outputs[task.name],
+                                                      merged[task.name], self.config.temperature)
+                  for task in self.student.tasks if task.name in merged}}
+        if self.projection is not None:
+            (student_feature,) = batch.student_features.values()
+            teacher_feature = torch.cat([next(iter(f.values())).flatten(1)
+                                         for f in batch.teacher_features], dim=1)
+            if isinstance(self.projection, nn.LazyLinear):
+                self.projection.out_features = student_feature.flatten(1).shape[1]
+            projected = self.projection(teacher_feature)
+            losses["feature"] = self.config.feature_weight * nn.functional.mse_loss(
+                student_feature.flatten(1), projected)
+        return losses
+'''
+
+TEST = '''\
+"""Conformance and discovery tests for kamal-plugin-{name}."""
+
+from kamal.plugins import plugin_infos
+from kamal.testing import check_amalgamator
+
+from {module}.algorithm import {cls}
+
+
+def test_plugin_is_installed_and_registers_{ident}():
+    infos = {{info.name: info for info in plugin_infos()}}
+    info = infos["kamal-plugin-{name}"]
+    assert info.status == "ok", info.error
+    assert info.provides == {{"amalgamators": ["{name}"]}}
+
+
+def test_{ident}_meets_the_amalgamator_contract(tmp_path):
+    report = check_amalgamator({cls}, tmp_path)
+    assert report["algorithm"] == "{name}"
+    assert report["student"]["metrics"]["digits"]["top1"] > 0.2  # 10 classes: chance is 0.1
+'''
+
+README = '''\
+# kamal-plugin-{name}
+
+The `{name}` knowledge-amalgamation algorithm for [kamal](https://pypi.org/project/kamal/).
+
+```bash
+pip install ./kamal-plugin-{name}
+kamal list-plugins            # shows kamal-plugin-{name}
+kamal amalgamate run.yaml     # with `algorithm: {{name: {name}}}`
+pytest kamal-plugin-{name}/tests
+```
+
+Hyperparameters: see `{cls}Config` in `src/{module}/algorithm.py`.
+'''
+
+
+def _files(name: str) -> dict[str, str]:
+    from . import __version__
+
+    module = "kamal_plugin_" + name.replace("-", "_")
+    cls = "".join(part.capitalize() for part in name.split("-")) + "Amalgamator"
+    major_minor = ".".join(__version__.split(".")[:2]) if __version__[0].isdigit() else "0.1"
+    values = {"name": name, "module": module, "cls": cls, "ident": name.replace("-", "_"),
+              "kamal_major_minor": major_minor}
+    return {
+        "pyproject.toml": PYPROJECT.format(**values),
+        "README.md": README.format(**values),
+        f"src/{module}/__init__.py": f'"""kamal-plugin-{name}."""\n',
+        f"src/{module}/plugin.py": PLUGIN.format(**values),
+        f"src/{module}/algorithm.py": ALGORITHM.format(**values),
+        f"tests/test_{values['ident']}_plugin.py": TEST.format(**values),
+    }
+
+
+def new_plugin(name: str, directory: str | Path = ".") -> Path:
+    """Write ``kamal-plugin-NAME`` under ``directory``; refuses to overwrite anything."""
+    if not _NAME.match(name) or keyword.iskeyword(name):
+        raise KamalError(f"plugin name '{name}' must be lower-case letters, digits and single "
+                         "dashes, starting with a letter (e.g. 'my-algo')")
+    root = Path(directory) / f"kamal-plugin-{name}"
+    if root.exists():
+        raise KamalError(f"'{root}' already exists; choose another name or --dir")
+    for relative, text in _files(name).items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
