@@ -8,15 +8,22 @@ Names are global per kind: two distributions registering the same name is an err
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pluggy
 
 hookspec = pluggy.HookspecMarker("kamal")
 hookimpl = pluggy.HookimplMarker("kamal")
 
-Register = Callable[[str, Any], None]
+
+
+class Register(Protocol):
+    """The callable every hook receives: ``register(name, target)`` records one component.
+
+    ``target`` is the object or a lazy ``"module:attr"`` reference to it.
+    """
+
+    def __call__(self, name: str, target: Any) -> None: ...
 
 
 @hookspec
