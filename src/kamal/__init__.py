@@ -52,6 +52,7 @@ _EXPORTS = {
     "load_model": "kamal.repo",
     "load_teacher": "kamal.repo",
     "save_model_repo": "kamal.repo",
+    "load_from_hub": "kamal.hub_commands",
     # running
     "amalgamate": "kamal.run",
     "train": "kamal.run",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .errors import ConfigError, KamalError, ModelRepoError, NonFiniteLossError, RegistryError
     from .features import FeatureTap
     from .hookspecs import Register, hookimpl
+    from .hub_commands import load_from_hub
     from .interfaces import (
         Amalgamator,
         AmalgamatorConfig,

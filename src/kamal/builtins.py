@@ -29,6 +29,7 @@ def register_architectures(register: Register) -> None:
     register("small-vgg", "kamal.models.small:SMALL_VGG")
     for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small"):
         register(name, f"kamal.models.torchvision_models:{name.upper()}")
+    register("timm", "kamal.models.timm_models:TIMM")
     register("segnet", "kamal.models.segnet:SEGNET")
 
 

@@ -137,6 +137,31 @@ def _format_eval(result: dict[str, Any]) -> str:
     return format_table(result)
 
 
+@main.command()
+@click.argument("ref", metavar="ORG/NAME[@REVISION]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def pull(ref: str, as_json: bool) -> None:
+    """Download a model repo from the Hub, verify it, and summarise it."""
+    from .hub_commands import format_pull
+    from .hub_commands import pull as pull_repo
+
+    summary = pull_repo(ref)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_pull(summary))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--branch", help="Upload to this branch (created when missing).")
+def push(run_dir: str, repo_id: str, private: bool, branch: str | None) -> None:
+    """Upload a run's student (config, weights, model card) to the Hub."""
+    from .hub_commands import push as push_repo
+
+    commit = push_repo(run_dir, repo_id, private=private, branch=branch)
+    click.echo(f"pushed {run_dir} to {repo_id}@{commit}")
+
+
 @main.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),

@@ -28,6 +28,10 @@ class TeacherRef(_Strict):
     path: str | None = Field(None, description="Local model repo folder (relative to the config).")
     hub: str | None = Field(None, description="Hugging Face Hub repo id, e.g. org/name.")
     revision: str | None = Field(None, description="Hub branch, tag or commit sha.")
+    format: Literal["kamal", "timm"] | None = Field(
+        None, description="Repo layout; detected when omitted (timm needs kamal[timm]).")
+    classes: list[str] | dict[int, str] | None = Field(
+        None, description="timm teachers: the classes of its task, by label or {index: name}.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:
@@ -35,6 +39,8 @@ class TeacherRef(_Strict):
             raise ValueError("give exactly one of 'path' (local model repo) or 'hub' (org/name)")
         if self.revision is not None and self.hub is None:
             raise ValueError("'revision' only applies to 'hub' teachers")
+        if self.classes is not None and self.format == "kamal":
+            raise ValueError("'classes' only applies to timm teachers (kamal repos name theirs)")
         return self
 
     @property

@@ -93,8 +93,11 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
-    """``README.md`` of a model repo: YAML front matter, provenance, metrics, how to load."""
+def model_card(report: dict[str, Any], provenance: dict[str, Any], repo_id: str | None = None) -> str:
+    """``README.md`` of a model repo: YAML front matter, provenance, metrics, how to load.
+
+    ``repo_id`` (when publishing) makes the usage section load from the Hub.
+    """
     import yaml
 
     teachers = provenance.get("teachers", [])
@@ -116,10 +119,15 @@ def model_card(report: dict[str, Any], provenance: dict[str, Any]) -> str:
                   json.dumps(provenance.get("hyperparameters", {}), indent=2), "```", ""]
     else:
         lines += ["# kamal model", "", "Trained with `kamal train` (supervised).", ""]
-    lines += ["## Metrics", "", "```", format_table(report), "```", "",
-              "## Usage", "", "```python", "from kamal import load_model",
-              "model = load_model('path/to/this/folder')  # or kamal.hub for Hub repos",
-              "outputs = model(images)  # {task_name: logits}, images in [0, 1]", "```", ""]
+    if report:
+        lines += ["## Metrics", "", "```", format_table(report), "```", ""]
+    load = (["from kamal import load_from_hub", f"model = load_from_hub('{repo_id}')"] if repo_id
+            else ["from kamal import load_model", "model = load_model('path/to/this/folder')"])
+    lines += ["## Usage", "", "```python", *load,
+              "outputs = model(images)  # {task_name: output}, images in [0, 1]", "```", ""]
+    if repo_id:
+        lines += [f"As a teacher of a new run: `teachers: [{{hub: {repo_id}}}]`; "
+                  f"inspect it with `kamal pull {repo_id}`.", ""]
     return "\n".join(lines)
 
 

@@ -28,8 +28,9 @@ from .features import FeatureTap
 from .interfaces import Amalgamator, Batch, InputSpec, Student, StudentSpec, Task, Teacher
 from .merging import LogitMerger
 from .models.base import KamalModel, common_input_spec
+from .models.timm_models import is_timm_repo, load_timm_model
 from .plugins import get_registry
-from .repo import load_model, load_teacher, save_model_repo
+from .repo import WEIGHTS_FILE, load_model, load_teacher, save_model_repo, sha256_of
 
 RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
 
@@ -71,11 +72,17 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
                 resolved = download_model_repo(ref.hub, ref.revision)
             except HubError as exc:
                 raise KamalError(f"{key}.hub: {exc}") from None
+            folder = resolved.local_dir
             source = {"hub": ref.hub, "revision": resolved.commit,
                       "requested_revision": ref.revision}
-            return load_teacher(ref.display_name, resolved.local_dir, source)
-        folder = (base_dir / ref.path).resolve() if ref.path else base_dir
-        return load_teacher(ref.display_name, folder, {"path": str(folder)})
+        else:
+            folder = (base_dir / ref.path).resolve() if ref.path else base_dir
+            source = {"path": str(folder)}
+        if ref.format == "timm" or (ref.format is None and is_timm_repo(folder)):
+            model = load_timm_model(folder, ref.display_name, ref.classes)
+            return Teacher(ref.display_name, model,
+                           {**source, "format": "timm", "sha256": sha256_of(folder / WEIGHTS_FILE)})
+        return load_teacher(ref.display_name, folder, source)
     except KamalError as exc:
         message = str(exc)
         raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None

@@ -1,0 +1,105 @@
+"""Teachers in timm's Hub layout (``config.json`` with ``architecture`` + ``pretrained_cfg``,
+``model.safetensors``), loaded when the optional extra ``kamal[timm]`` is installed.
+
+The user picks the classes the teacher is expert in (``classes:`` in the teacher reference);
+the teacher's task outputs the logits of those classes only. Wrapped models are ordinary
+kamal models (architecture ``timm``), so a student of this architecture saves and reloads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import KamalError, ModelRepoError
+from .base import Architecture
+
+INSTALL_HINT = "install the optional extra: pip install 'kamal[timm]'"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise KamalError(f"this is a timm model but timm is not installed; {INSTALL_HINT}") from None
+    return timm
+
+
+class TimmClassifier(nn.Module):
+    """A timm model whose output is restricted to ``class_indices`` of its head."""
+
+    def __init__(self, num_outputs: int, in_channels: int = 3, model_name: str = "",
+                 model_args: dict[str, Any] | None = None,
+                 class_indices: list[int] | None = None) -> None:
+        super().__init__()
+        timm = _timm()
+        if not timm.is_model(model_name):
+            raise ValueError(f"timm has no architecture '{model_name}'")
+        args = dict(model_args or {})
+        args.setdefault("in_chans", in_channels)
+        self.model = timm.create_model(model_name, pretrained=False, **args)
+        head = self.model.num_classes
+        self.class_indices = list(class_indices if class_indices is not None else range(head))
+        if len(self.class_indices) != num_outputs or any(
+                not 0 <= i < head for i in self.class_indices):
+            raise ValueError(f"class_indices must be {num_outputs} indices in [0, {head})")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)[:, self.class_indices]
+
+
+TIMM = Architecture(TimmClassifier, (), head=None, description="any timm model (kamal[timm])")
+
+
+def is_timm_repo(folder: Path) -> bool:
+    """A timm-layout config: ``architecture`` and ``pretrained_cfg`` but no kamal ``tasks``."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "pretrained_cfg" in config and "architecture" in config and "tasks" not in config
+
+
+def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int, str] | None):
+    """Build a :class:`~kamal.KamalModel` around the timm repo in ``folder`` (strict load)."""
+    from safetensors.torch import load_file
+
+    from ..interfaces import InputSpec
+    from ..tasks.classification import ClassificationTask
+    from .base import KamalModel
+
+    config = json.loads((folder / "config.json").read_text())
+    cfg = config.get("pretrained_cfg") or {}
+    head = int(config.get("num_classes") or cfg.get("num_classes") or 0)
+    # timm stores label names at the top level, as a list or as {index: name} with gaps
+    named = config.get("label_names") or cfg.get("label_names") or {}
+    if isinstance(named, dict):
+        named = {int(k): str(v) for k, v in named.items()}
+        labels = [named.get(i, str(i)) for i in range(head)]
+    else:
+        labels = [str(n) for n in named] or [str(i) for i in range(head)]
+    if classes is None:
+        indices, names = list(range(head)), labels
+    elif isinstance(classes, dict):
+        indices, names = [int(i) for i in classes], [str(n) for n in classes.values()]
+    else:
+        missing = [c for c in classes if str(c) not in labels]
+        if missing:
+            raise ModelRepoError(f"{folder}: classes {missing} are not among this model's labels; "
+                                 "select them by index instead: classes: {index: name}")
+        indices, names = [labels.index(str(c)) for c in classes], [str(c) for c in classes]
+    size = cfg.get("input_size") or [3, 224, 224]
+    spec = InputSpec(int(size[0]), (int(size[1]), int(size[2])),
+                     tuple(cfg.get("mean") or (0.5,)), tuple(cfg.get("std") or (0.5,)))
+    kwargs = {"model_name": config["architecture"], "model_args": config.get("model_args") or
+              {"num_classes": head}, "class_indices": indices}
+    model = KamalModel("timm", [ClassificationTask(task_name, names)], spec, kwargs)
+    try:
+        model.net.model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    except (RuntimeError, OSError) as exc:
+        raise ModelRepoError(f"weights in {folder} do not match timm '{config['architecture']}': "
+                             f"{str(exc)[:300]}") from None
+    return model

@@ -1,0 +1,69 @@
+"""Teachers in timm's Hub layout (optional extra kamal[timm])."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kamal import KamalError, load_model, save_model_repo
+from kamal.config import TeacherRef
+from kamal.run import resolve_teacher
+
+timm = pytest.importorskip("timm")  # the dev extra installs it; users without it get a hint
+
+
+def _timm_repo(folder: Path) -> torch.nn.Module:
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=6).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    labels = {"label_names": ["plane", "car", "bird", "cat", "deer", "dog"]}
+    save_for_hf(model, str(folder), model_config=labels, safe_serialization=True)
+    (folder / "pytorch_model.bin").unlink(missing_ok=True)  # kamal never reads pickles
+    return model
+
+
+def test_timm_repo_loads_as_a_teacher_with_selected_classes(tmp_path):
+    reference = _timm_repo(tmp_path / "repo")
+    ref = TeacherRef(name="animals", path=str(tmp_path / "repo"), classes=["cat", "dog", "bird"])
+    teacher = resolve_teacher(ref, tmp_path, 0)  # format detected from config.json
+    assert teacher.source["format"] == "timm" and len(teacher.source["sha256"]) == 64
+    assert teacher.tasks[0].classes == ["cat", "dog", "bird"]
+    assert teacher.input_spec.size == (32, 32) and teacher.input_spec.channels == 3
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = reference((x - mean) / std)[:, [3, 5, 2]]
+    assert torch.allclose(teacher(x)["animals"], expected, atol=1e-5)
+    # selection by index, and a wrapped timm model saves and reloads as a kamal repo
+    by_index = resolve_teacher(TeacherRef(path=str(tmp_path / "repo"), format="timm",
+                                          classes={0: "aeroplane"}), tmp_path, 0)
+    assert by_index.tasks[0].classes == ["aeroplane"]
+    save_model_repo(teacher.model, tmp_path / "kamal-repo")
+    assert torch.allclose(load_model(tmp_path / "kamal-repo").eval()(x)["animals"], expected,
+                          atol=1e-5)
+
+
+def test_unknown_label_names_the_fix(tmp_path):
+    _timm_repo(tmp_path / "repo")
+    with pytest.raises(KamalError, match=r"not among this model's labels.*\{index: name\}"):
+        resolve_teacher(TeacherRef(path=str(tmp_path / "repo"), classes=["zebra"]), tmp_path, 0)
+
+
+def test_without_timm_the_error_names_the_extra(tmp_path):
+    _timm_repo(tmp_path / "repo")
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples/digits/kd.yaml").read_text())
+    config["teachers"] = [{"path": str(tmp_path / "repo"), "classes": ["cat", "dog"]}]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = ("import sys; sys.modules['timm'] = None\n"  # as if timm were not installed
+            "from kamal.cli import main\n"
+            f"main(['amalgamate', {str(path)!r}, '-o', {str(tmp_path / 'out')!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pip install 'kamal[timm]'" in result.stderr and "Traceback" not in result.stderr
