@@ -106,6 +106,17 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     log_every: int = Field(10, ge=1, description="Log the losses every N steps.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
+    teacher_cache: Literal["auto", "off", "memory", "disk"] = Field(
+        "auto", description="Compute teacher outputs once and reuse them (needs data without "
+        "random augmentation). auto: memory if it fits the budget, else disk; off with "
+        "augmentation.")
+    teacher_cache_budget_mb: float = Field(2048, gt=0, description="Memory budget of "
+                                           "teacher_cache: auto, in MiB.")
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
     @field_validator("device")
     @classmethod

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import report as reporting
+from .cache import TeacherCache, choose_mode, fingerprint
 from .checkpoint import seed_everything
 from .config import DataRef, RunConfig, TeacherRef, TrainRunConfig, load_config, validate
 from .data.base import ImageDataset, build_dataset
@@ -108,34 +109,82 @@ def _images(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
     yield from DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False)
 
 
+class IndexedView(Dataset):
+    """``(index, image)`` pairs: the index finds a sample's cached teacher outputs."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        return index, self.dataset[index][0]
+
+
 @dataclass
 class AmalgamationStep:
-    """One training step of an amalgamation: frozen teachers, then the student, then losses."""
+    """One training step of an amalgamation: frozen teachers, then the student, then losses.
+
+    With a :class:`~kamal.cache.TeacherCache`, batches are ``(indices, images)`` and the
+    teachers are not run at all: their outputs come from the cache.
+    """
 
     teachers: list[Teacher]
     student: Student
     amalgamator: Amalgamator
+    cache: TeacherCache | None = None
 
     def __post_init__(self) -> None:
         request = self.amalgamator.feature_layers()
         self.teacher_layers = request.teachers or [[] for _ in self.teachers]
         self.student_layers = request.student
 
-    def __call__(self, images: Tensor, info: StepInfo) -> dict[str, Tensor]:
-        teacher_outputs, teacher_features = [], []
-        with torch.inference_mode():
-            for teacher, layers in zip(self.teachers, self.teacher_layers, strict=True):
-                with FeatureTap(teacher.model.features, layers, teacher.name) as tap:
-                    teacher_outputs.append(teacher(images))
-                teacher_features.append(tap.features)
-        # inference tensors cannot join autograd graphs: clone them out of inference mode
-        teacher_outputs = [{k: v.clone() for k, v in o.items()} for o in teacher_outputs]
-        teacher_features = [{k: v.clone() for k, v in f.items()} for f in teacher_features]
+    @torch.no_grad()  # not inference_mode: outputs join the student's graph without a copy
+    def run_teachers(self, images: Tensor) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+        """Outputs and requested features of every teacher for ``images``."""
+        outputs, features = [], []
+        for teacher, layers in zip(self.teachers, self.teacher_layers, strict=True):
+            with FeatureTap(teacher.model.features, layers, teacher.name) as tap:
+                outputs.append(teacher.model(images))
+            features.append(tap.features)
+        return outputs, features
+
+    def __call__(self, data: Any, info: StepInfo) -> dict[str, Tensor]:
+        if self.cache is not None:
+            indices, images = data
+            teacher_outputs, teacher_features = self.cache.lookup(indices, images.device)
+        else:
+            images = data
+            teacher_outputs, teacher_features = self.run_teachers(images)
         with FeatureTap(self.student.features, self.student_layers, "student") as tap:
             student_outputs = self.student(images)
         batch = Batch(images, teacher_outputs, student_outputs, teacher_features, tap.features,
                       epoch=info.epoch, step=info.step)
         return self.amalgamator.losses(batch)
+
+
+def _build_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: RunConfig, out: Path,
+                 device: torch.device) -> TeacherCache | None:
+    """The teacher-output cache the config asks for (``auto``: by size and augmentation)."""
+    requested = cfg.train.teacher_cache
+    if requested == "off":
+        return None
+    probe = next(iter(DataLoader(UnlabeledView(transfer), batch_size=8))).to(device)
+    outputs, features = step.run_teachers(probe)
+    per_sample = sum(v.numel() * v.element_size() for d in (*outputs, *features)
+                     for v in d.values()) / len(probe)
+    estimate = int(per_sample * len(transfer))
+    mode = choose_mode(requested, transfer.augmented, estimate,
+                       int(cfg.train.teacher_cache_budget_mb * 2**20))
+    if mode == "off":
+        return None
+    cache = TeacherCache(mode, out / "teacher_cache")
+    key = fingerprint(step.teachers, step.teacher_layers, transfer,
+                      cfg.data.transfer.model_dump_json())
+    cache.build(UnlabeledView(transfer), lambda x: step.run_teachers(x.to(device)),
+                cfg.train.batch_size, key)
+    return cache
 
 
 def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
@@ -181,6 +230,8 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
         teacher.to(device)
     amalgamator.setup(student, _images(transfer))
     _write_resolved_config(out, cfg, teachers, base_dir)
+    step = AmalgamationStep(teachers, student, amalgamator)
+    step.cache = _build_cache(step, transfer, cfg, out, device)
 
     def evaluator() -> dict[str, dict[str, float]]:
         student.eval()
@@ -188,7 +239,7 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
 
     trainer = Trainer(
         modules={"student": student, **amalgamator.trainable_modules()},
-        dataset=UnlabeledView(transfer), step_fn=AmalgamationStep(teachers, student, amalgamator),
+        dataset=IndexedView(transfer) if step.cache else UnlabeledView(transfer), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=evaluator if eval_data is not None else None, objective=_objective(student),
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps)
@@ -199,6 +250,8 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
         algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
         device=device, merge_mode=getattr(algo_cfg, "merge", "standardize"))
     report["best_checkpoint"] = trainer.best
+    report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
+                               if step.cache else {"mode": "off", "bytes": 0})
     _finish(out, student, report, amalgamator, teachers)
     return report
 

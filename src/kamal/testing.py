@@ -74,14 +74,19 @@ def make_tiny_teachers(folder: str | Path | None = None, same_architecture: bool
     return repos
 
 
+def default_student(width: int = 8) -> dict[str, Any]:
+    """The ``student`` config section the kit uses unless told otherwise."""
+    return {"architecture": "small-cnn", "architecture_kwargs": {"width": width},
+            "task_names": {"classification": "digits"}}
+
+
 def write_run_config(path: str | Path, teachers: list[Path], algorithm: dict[str, Any],
-                     epochs: int = 2, size: int = 8, student_width: int = 8) -> Path:
+                     epochs: int = 2, size: int = 8, student: dict[str, Any] | None = None) -> Path:
     """A small digits amalgamation config using ``teachers``; returns its path."""
     config = {
         "teachers": [{"name": Path(t).parent.name, "path": str(Path(t).resolve())}
                      for t in teachers],
-        "student": {"architecture": "small-cnn", "architecture_kwargs": {"width": student_width},
-                    "task_names": {"classification": "digits"}},
+        "student": student or default_student(),
         "algorithm": algorithm,
         "data": {"transfer": {"dataset": "digits", "split": "transfer", "size": size},
                  "eval": {"dataset": "digits", "split": "test", "size": size}},
@@ -122,7 +127,8 @@ def _check_config(cls: type) -> Any:
     return config
 
 
-def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path) -> None:
+def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path,
+                  student_config: dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
@@ -134,8 +140,9 @@ def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path) -
 
     loaded = [load_teacher(p.parent.name, p) for p in teachers]
     cls.check_teachers(loaded)
-    algo = cls(config, loaded, StudentSpec("small-cnn", {"width": 8},
-                                           {"classification": "digits"}))
+    algo = cls(config, loaded, StudentSpec(student_config["architecture"],
+                                           student_config.get("architecture_kwargs") or {},
+                                           student_config.get("task_names") or {}))
     student = algo.build_student()
     transfer = build_digits("transfer", size=8)
     images = next(iter(DataLoader(UnlabeledView(transfer), batch_size=32)))
@@ -180,8 +187,14 @@ def _check_saveable(student: Any, workdir: Path) -> None:
 
 def check_amalgamator(cls: type, workdir: str | Path,
                       algorithm_options: dict[str, Any] | None = None,
-                      same_architecture: bool = True, epochs: int = 2) -> dict[str, Any]:
-    """Run the conformance checks on amalgamator class ``cls``; returns the short run's report."""
+                      same_architecture: bool = True, epochs: int = 2,
+                      student: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the conformance checks on amalgamator class ``cls``; returns the short run's report.
+
+    ``student`` replaces the default ``student`` config section (a small-cnn), for algorithms
+    that build their own student architecture.
+    """
+    student = {"task_names": {"classification": "digits"}, **student} if student else default_student()
     from .errors import KamalError
     from .plugins import unregister_plugin
     from .repo import load_model
@@ -194,9 +207,10 @@ def check_amalgamator(cls: type, workdir: str | Path,
     teachers = make_tiny_teachers(None, same_architecture)
     temporary = _ensure_registered(cls)
     try:
-        _check_losses(cls, config, teachers, workdir)
+        _check_losses(cls, config, teachers, workdir, student)
         algorithm = {"name": cls.name, **(algorithm_options or {})}
-        path = write_run_config(workdir / f"{cls.name}.yaml", teachers, algorithm, epochs)
+        path = write_run_config(workdir / f"{cls.name}.yaml", teachers, algorithm, epochs,
+                                student=student)
         try:
             report = amalgamate(path, workdir / "run", progress=False)
         except KamalError as exc:

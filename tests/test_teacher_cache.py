@@ -1,0 +1,75 @@
+"""The teacher-output cache: identical results, mode selection, disk reuse on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from kamal import ConfigError, load_model
+from kamal.data.digits import build_digits
+from kamal.engine import Interrupted
+from kamal.run import amalgamate
+from kamal.testing import write_run_config
+
+
+def _config(tmp_path, teachers, name, **train):
+    path = write_run_config(tmp_path / f"{name}.yaml", teachers, {"name": "kd"}, epochs=2)
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(train)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cached_runs_equal_uncached_ones(tmp_path, tiny_teachers):
+    weights, reports = {}, {}
+    for mode in ("off", "memory", "disk"):
+        out = tmp_path / mode
+        reports[mode] = amalgamate(_config(tmp_path, tiny_teachers, mode, teacher_cache=mode), out,
+                                   progress=False)
+        weights[mode] = load_model(out / "student").state_dict()
+    for mode in ("memory", "disk"):
+        for key, value in weights["off"].items():
+            assert torch.allclose(value.float(), weights[mode][key].float(), atol=1e-6), key
+        assert reports[mode]["teacher_cache"]["mode"] == mode
+        samples = len(build_digits("transfer"))
+        assert reports[mode]["teacher_cache"]["bytes"] == samples * 2 * 5 * 4  # 2 teachers x 5 logits
+    assert reports["off"]["teacher_cache"] == {"mode": "off", "bytes": 0}
+
+
+def test_auto_mode_follows_budget_and_augmentation(tmp_path, tiny_teachers):
+    report = amalgamate(_config(tmp_path, tiny_teachers, "a", epochs=1), tmp_path / "a",
+                        progress=False)
+    assert report["teacher_cache"]["mode"] == "memory"
+    report = amalgamate(_config(tmp_path, tiny_teachers, "b", epochs=1,
+                                teacher_cache_budget_mb=0.001), tmp_path / "b", progress=False)
+    assert report["teacher_cache"]["mode"] == "disk"
+    path = _config(tmp_path, tiny_teachers, "c", epochs=1)
+    data = yaml.safe_load(path.read_text())
+    data["data"]["transfer"]["augment"] = True
+    path.write_text(yaml.safe_dump(data))
+    assert amalgamate(path, tmp_path / "c", progress=False)["teacher_cache"]["mode"] == "off"
+    with pytest.raises(ConfigError, match="teacher_cache: 'memory' needs transfer data without "
+                                          "random augmentation"):
+        amalgamate(path, tmp_path / "d", progress=False, overrides=["train.teacher_cache=memory"])
+
+
+def test_yaml_off_is_accepted(tmp_path, tiny_teachers):
+    path = _config(tmp_path, tiny_teachers, "off", epochs=1)
+    path.write_text(path.read_text().replace("seed: 0", "seed: 0\n  teacher_cache: off"))
+    assert amalgamate(path, tmp_path / "o", progress=False)["teacher_cache"]["mode"] == "off"
+
+
+def test_disk_cache_is_reused_on_resume(tmp_path, tiny_teachers):
+    path = _config(tmp_path, tiny_teachers, "disk", teacher_cache="disk")
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        amalgamate(path, out, progress=False, interrupt_after_steps=3)
+    shard = out / "teacher_cache" / "shard-00000.safetensors"
+    stamp = shard.stat().st_mtime_ns
+    index = json.loads((out / "teacher_cache" / "index.json").read_text())
+    amalgamate(path, out, progress=False, resume=True)
+    assert shard.stat().st_mtime_ns == stamp  # not recomputed
+    assert json.loads((out / "teacher_cache" / "index.json").read_text()) == index
