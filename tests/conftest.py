@@ -31,7 +31,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_kamal(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+              timeout: float = 1200) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess (``python -m kamal``)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "kamal", *args], capture_output=True, text=True,
