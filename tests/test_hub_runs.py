@@ -31,9 +31,16 @@ def _hub_config(tmp_path: Path, revision: str | None = "main") -> Path:
 
 
 def test_hub_teachers_provenance_push_and_offline(hub_server, tmp_path):
-    first = hub_server.add_commit("kamal-test/digits-0-4", _repo_files(TEACHERS / "digits-0-4"))
-    hub_server.add_commit("kamal-test/digits-5-9", _repo_files(TEACHERS / "digits-5-9"))
     env = hub_server.hub_env(tmp_path)
+    writer = {**env, "HF_TOKEN": hub_server.token}
+    # publish both teachers with kamal push (a model repo folder works as well as a run)
+    for name in ("digits-0-4", "digits-5-9"):
+        published = run_kamal("push", str(TEACHERS / name), f"kamal-test/{name}", env=writer)
+        assert published.returncode == 0, published.stderr
+    assert hub_server.files("kamal-test/digits-5-9")["model.safetensors"] == (
+        TEACHERS / "digits-5-9" / "model.safetensors").read_bytes()
+    first = json.loads(run_kamal("pull", "kamal-test/digits-0-4", "--json", env=env).stdout)[
+        "revision"]
 
     # pull: verified summary with the resolved revision
     pulled = run_kamal("pull", "kamal-test/digits-0-4@main", "--json", env=env)
@@ -70,8 +77,7 @@ def test_hub_teachers_provenance_push_and_offline(hub_server, tmp_path):
     assert rerun["teachers"][0]["source"]["revision"] == first
 
     # push the student as a private repo, then pull it back with the token
-    pushed = run_kamal("push", str(out), "someone/digits-student", "--private",
-                       env={**env, "HF_TOKEN": hub_server.token})
+    pushed = run_kamal("push", str(out), "someone/digits-student", "--private", env=writer)
     assert pushed.returncode == 0, pushed.stderr
     files = hub_server.files("someone/digits-student")
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
@@ -81,8 +87,14 @@ def test_hub_teachers_provenance_push_and_offline(hub_server, tmp_path):
     assert "load_from_hub('someone/digits-student')" in published and first in published
     assert "student (kd)" in published  # the metrics table from report.json
     assert run_kamal("pull", "someone/digits-student", env=env).returncode != 0  # no token
-    with_token = run_kamal("pull", "someone/digits-student", env={**env, "HF_TOKEN": hub_server.token})
+    with_token = run_kamal("pull", "someone/digits-student", "--json", env=writer)
     assert with_token.returncode == 0, with_token.stderr
+    local = json.loads(with_token.stdout)["local_dir"]
+    evaluated = run_kamal("evaluate", local, "--data", "digits:test", "--option", "size=16",
+                          "--json", env=writer)
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)["model"]["metrics"]["digits"]
+    assert metrics["top1"] == report["student"]["metrics"]["digits"]["top1"]
 
     # offline from the cache: the pinned run works without a single request
     start = len(hub_server.request_log)
