@@ -48,6 +48,10 @@ _EXPORTS = {
     "TensorImageDataset": "kamal.data.base",
     "Trainer": "kamal.engine",
     "StepInfo": "kamal.engine",
+    # distributed runs (no-ops in one process)
+    "is_main_process": "kamal.distributed",
+    "broadcast_object": "kamal.distributed",
+    "DistributedError": "kamal.distributed",
     # model repos
     "load_model": "kamal.repo",
     "load_teacher": "kamal.repo",
@@ -84,6 +88,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the real names
     from .data.base import ImageDataset, TensorImageDataset
     from .data.paired import PairedDataset, PairedTransform
+    from .distributed import DistributedError, broadcast_object, is_main_process
     from .engine import StepInfo, Trainer
     from .errors import ConfigError, KamalError, ModelRepoError, NonFiniteLossError, RegistryError
     from .features import FeatureTap

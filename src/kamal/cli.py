@@ -68,7 +68,8 @@ def list_plugins(as_json: bool, requirements: bool) -> None:
 def _print_report(report: dict[str, Any]) -> None:
     from .report import format_table
 
-    click.echo(format_table(report))
+    if report:  # empty in the non-main processes of a distributed run
+        click.echo(format_table(report))
 
 
 @main.command()

@@ -4,16 +4,25 @@ One :class:`Trainer` owns: device placement, the optimizer and LR schedule, seed
 ``metrics.jsonl``, per-epoch evaluation, atomic ``latest``/``best`` checkpoints, resume
 (bit-exact on CPU: 2 epochs == 1 epoch + resume 1 epoch), the non-finite-loss stop and a
 clean Ctrl-C. What a step computes comes from ``step_fn``; algorithms never copy this loop.
+
+Under torchrun the same loop runs in every process (see :mod:`kamal.distributed`): each
+process trains on its own shard with ``batch_size / processes`` samples per step, gradients
+are averaged after every backward pass, losses are reduced at the end of an epoch, and
+only the main process evaluates and writes. Stop requests and non-finite losses are
+agreed on in the gradient collective, so every process stops at the same step.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
 from .config import TrainConfig
 from .errors import KamalError, NonFiniteLossError
@@ -56,10 +66,12 @@ class Objective:
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KamalError(f"train.device is '{name}' but CUDA is not available; use auto or cpu")
+    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())  # one GPU per process
     return device
 
 
@@ -116,6 +128,10 @@ class Trainer:
     ``modules`` are all trainable modules by name (``"student"`` first); their state is
     checkpointed. ``fit`` may be called several times with different ``stage`` names
     (multi-stage algorithms); a resumed run skips stages already completed.
+
+    In a distributed run ``output_dir`` (where algorithms may write extra files) is the run
+    folder only in the main process; the others get a private scratch folder, deleted with
+    the trainer, so an algorithm that writes files needs no distributed code.
     """
 
     def __init__(self, *, modules: dict[str, nn.Module], dataset: Dataset, step_fn: StepFn,
@@ -130,8 +146,11 @@ class Trainer:
         self.dataset = dataset
         self.step_fn = step_fn
         self.cfg = cfg
-        self.output_dir = Path(output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        self.checkpoint_dir = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir) if self.is_main else self._scratch_folder()
+        progress = progress and self.is_main
         self.device = device
         self.evaluator = evaluator
         self.objective = objective
@@ -145,6 +164,13 @@ class Trainer:
             module.to(device)
         if resume:
             self._load_latest()
+        for module in modules.values():
+            distributed.broadcast_module(module)
+
+    def _scratch_folder(self) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=f"kamal-rank{self.rank}-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        return folder
 
     # --- public ---------------------------------------------------------------------
 
@@ -169,17 +195,21 @@ class Trainer:
         if not params:
             raise KamalError(f"stage '{stage}' has no trainable parameters")
         state = self._resume_state if (self._resume_state or {}).get("stage") == stage else None
+        # each process draws its own random numbers; process 0 matches a single-process run
+        rank_offset = 1_000_003 * self.rank
         if state is None:
-            seed_everything(self.cfg.seed + 7919 * len(self.completed_stages))
+            seed_everything(self.cfg.seed + 7919 * len(self.completed_stages) + rank_offset)
         elif state["batch"] == 0:
-            set_rng_state(state["rng"])
+            set_rng_state(self._own_rng(state))
         loader_gen = torch.Generator()
-        loader = DataLoader(self.dataset, batch_size=self.cfg.batch_size, shuffle=True,
-                            generator=loader_gen, drop_last=len(self.dataset) > self.cfg.batch_size)
-        if len(loader) == 0:
+        batch_size = distributed.check_global_batch(self.cfg.batch_size)
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
+                            generator=loader_gen, drop_last=len(self.dataset) > batch_size)
+        steps = distributed.all_reduce_min(len(loader))  # equal step counts: nobody waits forever
+        if steps == 0:
             raise KamalError("the training data is empty")
         optimizer = _make_optimizer(params, self.cfg, lr)
-        total = epochs * len(loader)
+        total = epochs * steps
         scheduler = None
         if self.cfg.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -195,9 +225,10 @@ class Trainer:
                        "batch": skip_batches, "step": self.global_step})
         with _StopFlag() as stop:
             for epoch in range(start_epoch, epochs):
-                loader_gen.manual_seed(self.cfg.seed * 100003 + epoch + 7919 * len(self.completed_stages))
-                self._run_epoch(stage, epoch, epochs, loader, optimizer, scheduler, skip_batches, stop,
-                                state)
+                loader_gen.manual_seed(self.cfg.seed * 100003 + epoch + 7919 * len(self.completed_stages)
+                                       + rank_offset)
+                self._run_epoch(stage, epoch, epochs, loader, steps, optimizer, scheduler,
+                                skip_batches, stop, state)
                 skip_batches, state = 0, None
         self.completed_stages.append(stage)
         self._save_latest(stage, epochs, 0, None, None)
@@ -207,24 +238,39 @@ class Trainer:
     def _all_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
 
-    def _run_epoch(self, stage, epoch, epochs, loader, optimizer, scheduler, skip, stop, state):
+    def _run_epoch(self, stage, epoch, epochs, loader, steps, optimizer, scheduler, skip, stop,
+                   state):
         for module in self.modules.values():
             module.train()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         sums: dict[str, float] = {}
         count, started = 0, time.perf_counter()
         for index, data in enumerate(loader):
+            if index >= steps:
+                break
             if index < skip:
                 if index == skip - 1 and state is not None:
-                    set_rng_state(state["rng"])  # skipped batches drew augmentation noise
+                    set_rng_state(self._own_rng(state))  # skipped batches drew augmentation noise
                 continue
             info = StepInfo(stage, epoch, self.global_step)
             losses = self.step_fn(self._to_device(data), info)
-            total = self._check_and_sum(losses, info)
+            bad = self._first_nonfinite(losses)
+            if bad is not None and self.world == 1:
+                raise self._nonfinite_error(bad, losses[bad], info)
+            total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            if bad is None:
+                total.backward()  # type: ignore[union-attr]
+            self._session_steps += 1
+            if self._session_steps == self.interrupt_after_steps:
+                stop.requested = True
+            halt = stop.requested
+            if self.world > 1:  # a request arriving after this collective waits for the next step
+                halt, bad_anywhere = distributed.sync_gradients(params, [stop.requested, bad is not None])
+                if bad_anywhere:
+                    raise self._nonfinite_error(bad, losses.get(bad or ""), info)
             if self.cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                         self.cfg.grad_clip)
+                nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -237,21 +283,22 @@ class Trainer:
                 self._log({"stage": stage, "epoch": epoch, "step": self.global_step,
                            "lr": optimizer.param_groups[0]["lr"],
                            **{f"loss/{k}": v for k, v in values.items()}})
-            self.progress.step(f"[{stage}] epoch {epoch + 1}/{epochs} batch {index + 1}/{len(loader)} "
+            self.progress.step(f"[{stage}] epoch {epoch + 1}/{epochs} batch {index + 1}/{steps} "
                                f"loss {float(total.detach()):.4f}")
-            self._session_steps += 1
-            if self._session_steps == self.interrupt_after_steps:
-                stop.requested = True
-            if stop.requested:
+            if halt:
                 self._save_latest(stage, epoch, index + 1, optimizer, scheduler)
                 raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
-        means = {k: v / max(count, 1) for k, v in sums.items()}
+        means = self._epoch_means(sums, count)
         record = {"stage": stage, "epoch": epoch, "step": self.global_step, "event": "epoch",
                   "seconds": round(time.perf_counter() - started, 3),
                   **{f"loss/{k}": v for k, v in means.items()}}
+        if self.world > 1:
+            record["processes"] = self.world
+            for module in self.modules.values():
+                distributed.average_buffers(module)
         self._log(record)
         summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-        if self.evaluator is not None:
+        if self.evaluator is not None and self.is_main:
             self.last_eval = self.evaluator()
             for module in self.modules.values():
                 module.train()
@@ -275,19 +322,31 @@ class Trainer:
             return type(data)(self._to_device(d) for d in data)
         return data
 
-    def _check_and_sum(self, losses: dict[str, Tensor], info: StepInfo) -> Tensor:
+    @staticmethod
+    def _first_nonfinite(losses: dict[str, Tensor]) -> str | None:
         if not losses:
             raise KamalError("the algorithm returned no losses")
-        for name, value in losses.items():
-            if not torch.isfinite(value).all():
-                where = (f"the last good checkpoint is {self.latest_path}" if self.latest_path.exists()
-                         else "no checkpoint had been written yet")
-                raise NonFiniteLossError(
-                    f"loss '{name}' became {float(value.detach())} at stage '{info.stage}', epoch "
-                    f"{info.epoch + 1}, step {info.step + 1}; training stopped and {where}. "
-                    "Lower train.optimizer.lr or set train.grad_clip, then run again "
-                    "(--resume continues from that checkpoint).")
-        return sum(losses.values())  # type: ignore[return-value]
+        return next((name for name, value in losses.items() if not torch.isfinite(value).all()),
+                    None)
+
+    def _nonfinite_error(self, name: str | None, value: Tensor | None,
+                         info: StepInfo) -> NonFiniteLossError:
+        where = (f"the last good checkpoint is {self.latest_path}" if self.latest_path.exists()
+                 else "no checkpoint had been written yet")
+        what = (f"loss '{name}' became {float(value.detach())}" if name is not None and value is not None
+                else "a loss became non-finite in another process")
+        return NonFiniteLossError(
+            f"{what} at stage '{info.stage}', epoch {info.epoch + 1}, step {info.step + 1}; "
+            f"training stopped and {where}. Lower train.optimizer.lr or set train.grad_clip, "
+            "then run again (--resume continues from that checkpoint).")
+
+    def _epoch_means(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """Mean of each loss over the epoch's steps of every process."""
+        names = sorted(sums)
+        totals = torch.tensor([sums[k] for k in names] + [float(count)], dtype=torch.float64)
+        distributed.all_reduce_sum(totals)
+        return {k: float(v) / max(float(totals[-1]), 1.0) for k, v in zip(names, totals.tolist(),
+                                                                             strict=False)}
 
     def _score(self, metrics: dict[str, dict[str, float]]) -> float | None:
         if self.objective is None:
@@ -300,22 +359,31 @@ class Trainer:
         return {name: module.state_dict() for name, module in self.modules.items()}
 
     def _save_weights(self, path: Path) -> None:
-        save_state(path, {"modules": self._weights(), "best": self.best})
+        if self.is_main:
+            save_state(path, {"modules": self._weights(), "best": self.best})
 
     def _save_latest(self, stage, epoch, batch, optimizer, scheduler) -> None:
+        rng_by_process = distributed.all_gather_object(rng_state()) if self.world > 1 else None
+        if not self.is_main:
+            return
         save_state(self.latest_path, {
             "stage": stage, "epoch": epoch, "batch": batch, "global_step": self.global_step,
             "completed_stages": self.completed_stages, "best": self.best,
             "last_eval": self.last_eval, "modules": self._weights(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
+            "rng": rng_state(), "processes": self.world, "rng_by_process": rng_by_process,
         })
 
     def _load_latest(self) -> None:
         if not self.latest_path.exists():
             raise KamalError(f"--resume: no checkpoint at {self.latest_path}; run without --resume")
         state = load_state(self.latest_path)
+        written_by = state.get("processes", 1)
+        if state["batch"] and written_by != self.world:
+            raise KamalError(f"--resume: the checkpoint was written in the middle of an epoch by "
+                             f"{written_by} process(es); resume it with the same number of "
+                             f"processes (now {self.world})")
         self.load_modules(state["modules"])
         self.global_step = state["global_step"]
         self.completed_stages = list(state["completed_stages"])
@@ -323,6 +391,11 @@ class Trainer:
         self.last_eval = state["last_eval"] or {}
         if state["optimizer"] is not None:
             self._resume_state = state
+
+    def _own_rng(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This process's saved random state (the main one's if the process count changed)."""
+        by_process = state.get("rng_by_process")
+        return by_process[self.rank] if by_process and len(by_process) == self.world else state["rng"]
 
     def load_modules(self, weights: dict[str, dict[str, Tensor]]) -> None:
         """Load module weights saved by this trainer (e.g. the best checkpoint)."""
@@ -339,6 +412,8 @@ class Trainer:
         return True
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")

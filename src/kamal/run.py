@@ -17,6 +17,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from . import report as reporting
 from .cache import TeacherCache, choose_mode, fingerprint
 from .checkpoint import seed_everything
@@ -32,6 +33,7 @@ from .models.base import KamalModel, common_input_spec
 from .models.timm_models import is_timm_repo, load_timm_model
 from .plugins import get_registry
 from .repo import WEIGHTS_FILE, load_model, load_teacher, save_model_repo, sha256_of
+from .teachers import Switch, TeacherRunner
 
 RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
 
@@ -50,7 +52,11 @@ class UnlabeledView(Dataset):
 
 
 def prepare_output(output: str | Path, resume: bool) -> Path:
-    """Refuse to overwrite an existing run unless resuming it."""
+    """Refuse to overwrite an existing run unless resuming it.
+
+    Every process of a distributed run checks (so all stop with the same error) before the
+    main process creates the folder.
+    """
     out = Path(output)
     if resume:
         if not (out / "checkpoints" / "latest.safetensors").exists():
@@ -58,7 +64,9 @@ def prepare_output(output: str | Path, resume: bool) -> Path:
     elif out.exists() and any((out / m).exists() for m in RUN_MARKERS):
         raise KamalError(f"output folder '{out}' already holds a run; use --resume to continue "
                          "it or choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -127,28 +135,28 @@ class AmalgamationStep:
     """One training step of an amalgamation: frozen teachers, then the student, then losses.
 
     With a :class:`~kamal.cache.TeacherCache`, batches are ``(indices, images)`` and the
-    teachers are not run at all: their outputs come from the cache.
+    teachers are not run at all: their outputs come from the cache. ``batch_teachers`` and
+    ``teacher_channels_last`` (``train.`` fields of the same names) choose how the teachers
+    run (:class:`~kamal.teachers.TeacherRunner`).
     """
 
     teachers: list[Teacher]
     student: Student
     amalgamator: Amalgamator
     cache: TeacherCache | None = None
+    batch_teachers: Switch = "auto"
+    teacher_channels_last: Switch = "auto"
 
     def __post_init__(self) -> None:
         request = self.amalgamator.feature_layers()
         self.teacher_layers = request.teachers or [[] for _ in self.teachers]
         self.student_layers = request.student
+        self.runner = TeacherRunner(self.teachers, self.teacher_layers, self.batch_teachers,
+                                    self.teacher_channels_last)
 
-    @torch.no_grad()  # not inference_mode: outputs join the student's graph without a copy
     def run_teachers(self, images: Tensor) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
-        """Outputs and requested features of every teacher for ``images``."""
-        outputs, features = [], []
-        for teacher, layers in zip(self.teachers, self.teacher_layers, strict=True):
-            with FeatureTap(teacher.model.features, layers, teacher.name) as tap:
-                outputs.append(teacher.model(images))
-            features.append(tap.features)
-        return outputs, features
+        """Outputs and requested features of every teacher for ``images`` (no grad)."""
+        return self.runner(images)
 
     def __call__(self, data: Any, info: StepInfo) -> dict[str, Tensor]:
         if self.cache is not None:
@@ -165,24 +173,32 @@ class AmalgamationStep:
 
 
 def _build_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: RunConfig, out: Path,
-                 device: torch.device) -> TeacherCache | None:
-    """The teacher-output cache the config asks for (``auto``: by size and augmentation)."""
+                 device: torch.device, local: Dataset | None = None) -> TeacherCache | None:
+    """The teacher-output cache the config asks for (``auto``: by size and augmentation).
+
+    ``local`` is this process's shard in a distributed run: each process caches only it.
+    """
+    local = transfer if local is None else local
     requested = cfg.train.teacher_cache
     if requested == "off":
         return None
-    probe = next(iter(DataLoader(UnlabeledView(transfer), batch_size=8))).to(device)
+    probe = next(iter(DataLoader(UnlabeledView(local), batch_size=8))).to(device)
     outputs, features = step.run_teachers(probe)
     per_sample = sum(v.numel() * v.element_size() for d in (*outputs, *features)
                      for v in d.values()) / len(probe)
-    estimate = int(per_sample * len(transfer))
+    estimate = int(per_sample * len(local))
     mode = choose_mode(requested, transfer.augmented, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
     if mode == "off":
         return None
-    cache = TeacherCache(mode, out / "teacher_cache")
-    key = fingerprint(step.teachers, step.teacher_layers, transfer,
-                      cfg.data.transfer.model_dump_json())
-    cache.build(UnlabeledView(transfer), lambda x: step.run_teachers(x.to(device)),
+    folder, shard = out / "teacher_cache", ""
+    if distributed.world_size() > 1:
+        folder = folder / f"process{distributed.rank()}"
+        shard = f"shard {distributed.rank()}/{distributed.world_size()} seed {cfg.train.seed}"
+    cache = TeacherCache(mode, folder)
+    key = fingerprint(step.teachers, step.teacher_layers, local,
+                      cfg.data.transfer.model_dump_json() + shard)
+    cache.build(UnlabeledView(local), lambda x: step.run_teachers(x.to(device)),
                 cfg.train.batch_size, key)
     return cache
 
@@ -206,10 +222,19 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
                progress: bool = True, interrupt_after_steps: int | None = None) -> dict[str, Any]:
     """Run ``kamal amalgamate``: returns the report (also written to ``report.json``).
 
-    ``interrupt_after_steps`` simulates Ctrl-C after that many steps (for resume tests).
+    Under torchrun every process calls this; the main process returns the report, the
+    others an empty dict. ``interrupt_after_steps`` simulates Ctrl-C after that many steps
+    (for resume tests).
     """
+    with distributed.session():
+        return _amalgamate(config_path, output, overrides, resume, progress, interrupt_after_steps)
+
+
+def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: list[str] | None,
+                resume: bool, progress: bool, interrupt_after_steps: int | None) -> dict[str, Any]:
     cfg, base_dir = load_config(RunConfig, config_path, overrides)
     cls, algo_cfg = _load_amalgamator(cfg)
+    distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -229,9 +254,11 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
     for teacher in teachers:
         teacher.to(device)
     amalgamator.setup(student, _images(transfer))
-    _write_resolved_config(out, cfg, teachers, base_dir)
+    if distributed.is_main_process():
+        _write_resolved_config(out, cfg, teachers, base_dir)
     step = AmalgamationStep(teachers, student, amalgamator)
-    step.cache = _build_cache(step, transfer, cfg, out, device)
+    local = distributed.shard(transfer, cfg.train.seed)
+    step.cache = _build_cache(step, transfer, cfg, out, device, local)
 
     def evaluator() -> dict[str, dict[str, float]]:
         student.eval()
@@ -239,11 +266,13 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
 
     trainer = Trainer(
         modules={"student": student, **amalgamator.trainable_modules()},
-        dataset=IndexedView(transfer) if step.cache else UnlabeledView(transfer), step_fn=step,
+        dataset=IndexedView(local) if step.cache else UnlabeledView(local), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=evaluator if eval_data is not None else None, objective=_objective(student),
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps)
     amalgamator.amalgamate(trainer)
+    if not distributed.is_main_process():
+        return {}
 
     student.eval()
     report = reporting.amalgamation_report(
@@ -286,9 +315,17 @@ def train(config_path: str | Path, output: str | Path | None = None,
     """Run ``kamal train``: supervised training of one model for one task.
 
     The task kind is ``model.task_kind`` (default classification); its classes come from the
-    training data, and its loss from :meth:`Task.supervised_loss`.
+    training data, and its loss from :meth:`Task.supervised_loss`. Under torchrun the main
+    process returns the report, the others an empty dict.
     """
+    with distributed.session():
+        return _train(config_path, output, overrides, resume, progress, interrupt_after_steps)
+
+
+def _train(config_path: str | Path, output: str | Path | None, overrides: list[str] | None,
+           resume: bool, progress: bool, interrupt_after_steps: int | None) -> dict[str, Any]:
     cfg, _ = load_config(TrainRunConfig, config_path, overrides)
+    distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -319,12 +356,15 @@ def train(config_path: str | Path, output: str | Path | None = None,
         model.eval()
         return evaluate(model, [task], eval_data, device)
 
-    trainer = Trainer(modules={"student": model}, dataset=train_data, step_fn=step, cfg=cfg.train,
+    trainer = Trainer(modules={"student": model}, dataset=distributed.shard(train_data, cfg.train.seed),
+                      step_fn=step, cfg=cfg.train,
                       output_dir=out, device=device,
                       evaluator=evaluator if eval_data is not None else None,
                       objective=_objective(model), resume=resume, progress=progress,
                       interrupt_after_steps=interrupt_after_steps)
     trainer.fit()
+    if not distributed.is_main_process():
+        return {}
     model.eval()
     report = {"model": reporting.model_entry(model, eval_data, device, "model")}
     card = reporting.model_card(report, {"trained_with": "kamal train",

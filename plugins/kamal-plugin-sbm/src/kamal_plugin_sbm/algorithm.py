@@ -38,6 +38,8 @@ from kamal import (
     Student,
     Teacher,
     Trainer,
+    broadcast_object,
+    is_main_process,
     merge_tasks,
 )
 
@@ -227,9 +229,12 @@ class SBMAmalgamator(Amalgamator):
         net.sampling = False
         net.override = {}
 
-        # 2. choose the branch points (kept in the checkpoint: a resumed run does not redo it)
+        # 2. choose the branch points (kept in the checkpoint: a resumed run does not redo it).
+        # In a distributed run each process holds out its own images: the main process
+        # chooses and the others adopt its choice, so every copy of the student stays equal.
         if net.chosen() is None:
-            net.choose(self._search(net, held, calibration, trainer.device))
+            choice = self._search(net, held, calibration, trainer.device) if is_main_process() else None
+            net.choose(broadcast_object(choice))
         chosen = net.chosen()
         assert chosen is not None
 
@@ -240,7 +245,8 @@ class SBMAmalgamator(Amalgamator):
             trainer.fit(stage="finetune", epochs=finetune_epochs, parameters=used,
                         lr=cfg.optimizer.lr * self.config.finetune_lr)
         self._prune(chosen)
-        self._write_outputs(trainer, held, chosen)
+        if is_main_process():  # search losses exist only there
+            self._write_outputs(trainer, held, chosen)
 
     def _split(self, count: int, seed: int) -> tuple[list[int], list[int]]:
         order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 4099))

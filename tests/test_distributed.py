@@ -1,0 +1,154 @@
+"""Distributed runs: two real CPU processes under torchrun (gloo), as users launch them.
+
+Each test starts ``python -m torch.distributed.run --standalone --nproc-per-node=2 -m kamal``
+in a subprocess; nothing is simulated. One thread per process keeps two processes on two
+cores from fighting (and makes the single-process reference use the same kernels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import EXAMPLES, run_kamal
+
+from kamal import load_model
+from kamal.checkpoint import load_state
+
+pytestmark = pytest.mark.slow
+KD = EXAMPLES / "digits" / "kd.yaml"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "-m", "kamal", *args]
+
+
+def _torchrun(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_command(*args), capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout)
+
+
+def _records(run: Path, event: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == event]
+
+
+def _top1(run: Path) -> float:
+    return json.loads((run / "report.json").read_text())["student"]["metrics"]["digits"]["top1"]
+
+
+def _cached_config(tmp_path: Path, epochs: int) -> Path:
+    """The digits kd example without augmentation (so the teacher cache is on) and fewer epochs."""
+    config = yaml.safe_load(KD.read_text())
+    for teacher in config["teachers"]:
+        teacher["path"] = str(KD.parent / teacher["path"])
+    config["data"]["transfer"]["augment"] = False
+    config["train"]["epochs"] = epochs
+    path = tmp_path / "kd-cached.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_two_processes_match_one_and_only_the_main_one_writes(tmp_path):
+    scratch = tmp_path / "tmp"  # where non-main processes keep their private scratch folders
+    scratch.mkdir()
+    single = run_kamal("amalgamate", str(KD), "--output", str(tmp_path / "one"), "--quiet",
+                       env=ONE_THREAD)
+    assert single.returncode == 0, single.stderr
+    double = _torchrun("amalgamate", str(KD), "--output", str(tmp_path / "two"), "--quiet",
+                       env={**ONE_THREAD, "TMPDIR": str(scratch)})
+    assert double.returncode == 0, double.stderr[-3000:]  # torchrun fails if any process does
+
+    two = tmp_path / "two"
+    assert double.stdout.count("student (kd)") == 1  # one report, printed by the main process
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    epochs = _records(two, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(30))  # one line per epoch: nobody else logs
+    assert all(r["processes"] == 2 for r in epochs)
+    assert len(_records(two, "eval")) == 30
+    state = load_state(two / "checkpoints" / "latest.safetensors")
+    assert state["processes"] == 2 and len(state["rng_by_process"]) == 2
+    assert list(scratch.glob("kamal-*")) == []  # scratch folders are removed
+    # same global batch (32 = 2 x 16): the student is as good as the single-process one
+    assert abs(_top1(two) - _top1(tmp_path / "one")) <= 0.01, (_top1(two), _top1(tmp_path / "one"))
+    assert _top1(two) >= 0.88
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank``."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            parent = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                          if line.startswith("PPid:"))
+            environ = (status.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(status.parent.name)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun (pid {launcher.pid})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers through /proc")
+def test_a_dead_process_stops_the_run_clearly_and_the_run_resumes(tmp_path):
+    config = _cached_config(tmp_path, epochs=40)
+    env = {**os.environ, **ONE_THREAD}
+    uninterrupted = _torchrun("amalgamate", str(config), "--output", str(tmp_path / "full"),
+                              "--quiet", env=ONE_THREAD)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert report["teacher_cache"]["mode"] == "memory"  # each process caches its own shard
+
+    run = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    launcher = subprocess.Popen(_torchrun_command("amalgamate", str(config), "--output", str(run),
+                                                  "--quiet"), stdout=log, stderr=subprocess.STDOUT,
+                                env=env, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and len(_records(run, "epoch")) >= 3):
+            assert launcher.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(_worker_pid(launcher, 1), signal.SIGKILL)
+        started = time.monotonic()
+        returncode = launcher.wait(timeout=120)  # a hang fails here
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    output = (tmp_path / "killed.log").read_text()
+    assert returncode != 0
+    assert time.monotonic() - started < 120
+    assert "rank      : 1" in output and "SIGKILL" in output  # torchrun names the dead process
+    assert "--resume" in output  # the survivor says how to continue
+    done = len(_records(run, "epoch"))
+    assert 3 <= done < 40
+
+    resumed = _torchrun("amalgamate", str(config), "--output", str(run), "--resume", "--quiet",
+                        env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    restart = _records(run, "resumed")[0]["epoch"]  # the last epoch whose checkpoint was written
+    assert 2 <= restart <= done
+    assert [r["epoch"] for r in _records(run, "epoch")][-(40 - restart):] == list(range(restart, 40))
+    # resumed at an epoch boundary with every process's random state: same student, bit for bit
+    full, again = load_model(tmp_path / "full" / "student"), load_model(run / "student")
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_a_global_batch_that_does_not_split_is_refused(tmp_path):
+    result = _torchrun("amalgamate", str(KD), "--output", str(tmp_path / "run"),
+                       "--set", "train.batch_size=33", env=ONE_THREAD, timeout=300)
+    assert result.returncode != 0
+    assert "train.batch_size is 33, the global batch of all 2 processes" in result.stderr
+    assert "divisible by 2, e.g. 32" in result.stderr
