@@ -112,11 +112,23 @@ class TrainConfig(_Strict):
         "augmentation.")
     teacher_cache_budget_mb: float = Field(2048, gt=0, description="Memory budget of "
                                            "teacher_cache: auto, in MiB.")
+    batch_teachers: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run same-architecture teachers as one vmapped call over their "
+        "stacked weights. auto: only on devices where it was measured faster (none yet: "
+        "slower on CPU; see docs/benchmarks.md).")
+    teacher_channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run convolutional teachers in channels-last memory format. "
+        "auto: on where measured faster (CPU).")
 
     @field_validator("teacher_cache", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("batch_teachers", "teacher_channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        return ("on" if value else "off") if isinstance(value, bool) else value  # YAML 1.1
 
     @field_validator("device")
     @classmethod

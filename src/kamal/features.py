@@ -45,6 +45,7 @@ class FeatureTap:
         self._handles: list[Any] = []
 
     def __enter__(self) -> FeatureTap:
+        self.features = {}  # a tap may be entered again (layers resolved once); fresh each time
         for layer, module in self.modules.items():
             if layer.endswith(":in"):
                 def pre_hook(_m, args, _layer=layer):
