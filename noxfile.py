@@ -61,7 +61,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Run the benchmark scripts (they print figures; nothing is asserted)."""
+    """Run the benchmark scripts; each prints its figures and rewrites its section of
+    docs/benchmarks.md and docs/benchmarks.json (nothing is asserted). Name scripts to run
+    only those: ``nox -s bench -- startup.py``."""
     _install_everything(session)
-    for script in sorted((ROOT / "benchmarks").glob("*.py")):
-        session.run("python", str(script))
+    for script in session.posargs or ("startup.py", "speed.py", "quality.py"):
+        session.run("python", str(ROOT / "benchmarks" / script))

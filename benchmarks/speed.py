@@ -1,9 +1,16 @@
-"""Images/s of a KD amalgamation of two ResNet-18 teachers at 32x32 on the CPU:
-kamal without the teacher cache, kamal with it (epochs 2+), and a plain hand-written PyTorch
-loop computing the same losses. Each variant runs in its own process (peak RSS is per
-variant); medians over repeats and the ratios to the plain loop are printed.
+"""Training speed: a KD amalgamation of two ResNet-18 teachers at 32x32 on the CPU.
 
-    python benchmarks/speed.py [--repeats 3] [--epochs 3] [--samples 256]
+Three variants, each in its own process (so peak RSS is per variant), interleaved over
+``--repeats``: ``plain``, a hand-written PyTorch loop computing the same losses (kamal's
+calibrated ``standardize`` merge written out, KL at T=1, Adam, cosine schedule);
+``kamal-off``, ``kamal amalgamate`` without the teacher cache; ``kamal-cache``, with the
+in-memory cache. Images/s are medians over epochs 2+ of every repeat (epoch 1 warms up; the
+cache is built before it). Then the teacher-execution micro-benchmark: the same teachers run
+back to back, channels-last, and as one vmapped call (kamal.teachers).
+
+Rewrites the "speed" and "teachers" sections of docs/benchmarks.md (and their JSON keys).
+
+    python benchmarks/speed.py [--repeats 3] [--epochs 3] [--samples 192] [--student resnet18]
 """
 
 from __future__ import annotations
@@ -17,8 +24,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
+
+SIZE, BATCH = 32, 64
+VARIANTS = ("plain", "kamal-off", "kamal-cache", "kamal-off-contiguous")
+STUDENTS = {"resnet18": {"small_input": True}, "small-cnn": {"width": 32}}
 
 
 def make_teachers(folder: Path) -> list[Path]:
@@ -31,118 +46,293 @@ def make_teachers(folder: Path) -> list[Path]:
     for seed, classes in ((0, "01234"), (1, "56789")):
         torch.manual_seed(seed)
         model = KamalModel("resnet18", [ClassificationTask(f"t{seed}", list(classes))],
-                           InputSpec(1, (32, 32)), {"small_input": True})
+                           InputSpec(1, (SIZE, SIZE)), {"small_input": True})
         repos.append(save_model_repo(model, folder / f"teacher{seed}"))
     return repos
 
 
-def write_config(folder: Path, teachers: list[Path], epochs: int, cache: str) -> Path:
-    config = {
-        "teachers": [{"path": str(t)} for t in teachers],
-        "student": {"architecture": "resnet18", "architecture_kwargs": {"small_input": True}},
-        "algorithm": {"name": "kd"},
-        "data": {"transfer": {"dataset": "digits", "split": "transfer", "size": 32}},
-        "train": {"epochs": epochs, "batch_size": 64, "device": "cpu", "teacher_cache": cache,
-                  "log_every": 1000},
-    }
-    path = folder / f"speed-{cache}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def make_images(folder: Path, samples: int) -> int:
+    """The first ``samples`` digits transfer images as PNG files (an ``image-folder``)."""
+    import torch
+    from torchvision.io import write_png
+
+    from kamal.data.digits import build_digits
+
+    images = build_digits("transfer").images[:samples]
+    root = folder / "images"
+    root.mkdir()
+    for i, image in enumerate(images):
+        write_png((image * 255).round().to(torch.uint8), str(root / f"{i:05d}.png"))
+    return len(images)
 
 
-def run_kamal(folder: Path, teachers: list[Path], epochs: int, cache: str) -> list[float]:
-    """Seconds per epoch of `kamal amalgamate`."""
+def _data_ref(folder: Path) -> dict[str, Any]:
+    return {"dataset": "image-folder", "root": str(folder / "images"), "size": SIZE, "channels": 1}
+
+
+def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> list[float]:
+    """Seconds per epoch of `kamal amalgamate` (from its metrics.jsonl)."""
     from kamal import amalgamate
 
-    out = folder / f"run-{cache}-{time.monotonic_ns()}"
-    amalgamate(write_config(folder, teachers, epochs, cache), out, progress=False)
+    config = {
+        "teachers": [{"path": str(folder / "teacher0")}, {"path": str(folder / "teacher1")}],
+        "student": {"architecture": student, "architecture_kwargs": STUDENTS[student]},
+        "algorithm": {"name": "kd"},
+        "data": {"transfer": _data_ref(folder)},
+        "train": {"epochs": epochs, "batch_size": BATCH, "device": "cpu", "teacher_cache": cache,
+                  "log_every": 1000},
+    }
+    path = folder / f"speed-{cache}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = folder / f"run-{path.stem}"
+    amalgamate(path, out, progress=False)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["seconds"] for r in records if r.get("event") == "epoch"]
 
 
-def run_plain(teachers: list[Path], epochs: int) -> list[float]:
-    """The same KD, written as a plain PyTorch loop (same merge, loss, optimizer, schedule)."""
+def run_plain(folder: Path, epochs: int, student_arch: str) -> tuple[list[float], float]:
+    """The same KD as a plain loop; returns seconds per epoch and the teachers' share of time."""
     import math
 
     import torch
+    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from kamal import LogitMerger, load_teacher
-    from kamal.data.digits import build_digits
-    from kamal.models import KamalModel, merge_tasks
+    from kamal import KamalModel, load_teacher
+    from kamal.data.base import build_dataset
+    from kamal.models import merge_tasks
 
-    loaded = [load_teacher(p.name, p) for p in teachers]
-    data = build_digits("transfer", size=32)
-    student = KamalModel("resnet18", merge_tasks(loaded), loaded[0].input_spec,
-                         {"small_input": True})
-    merger = LogitMerger(loaded, student.tasks)
-    merger.calibrate(loaded, [data.images[i:i + 256] for i in range(0, len(data), 256)])
-    task = student.tasks[0]
-    loader = DataLoader(data.images, batch_size=64, shuffle=True, drop_last=True)
+    torch.manual_seed(0)
+    teachers = [load_teacher(p.name, p) for p in (folder / "teacher0", folder / "teacher1")]
+    models = [t.model for t in teachers]
+    ref = _data_ref(folder)
+    images = build_dataset(ref.pop("dataset"), None, ref).images
+    student = KamalModel(student_arch, merge_tasks(teachers), teachers[0].input_spec,
+                         STUDENTS[student_arch])
+
+    # calibration of the standardize merge: each teacher's confidence (max - mean logit)
+    with torch.no_grad():
+        conf = [torch.cat([_confidence(m(images[i:i + 256])[m.tasks[0].name])
+                           for i in range(0, len(images), 256)]).double() for m in models]
+    mean = torch.stack([c.mean() for c in conf]).float()
+    std = torch.stack([c.std().clamp_min(1e-6) for c in conf]).float()
+
+    def merged(logits: list[torch.Tensor]) -> torch.Tensor:
+        # disjoint classes (0-4, 5-9): placing each teacher's block is a concatenation
+        return torch.cat([torch.log_softmax(x, 1) + ((_confidence(x) - mean[i]) / std[i])[:, None]
+                          for i, x in enumerate(logits)], 1)
+
+    _check_merge(teachers, student, images[:BATCH], merged, mean, std)
+    loader = DataLoader(images, batch_size=BATCH, shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     total = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-    seconds = []
-    for _ in range(epochs):
+    seconds, teacher_seconds = [], 0.0
+    for epoch in range(epochs):
         student.train()
         start = time.perf_counter()
-        for images in loader:
+        for batch in loader:
+            t0 = time.perf_counter()
             with torch.no_grad():
-                merged = merger([t.model(images) for t in loaded])[task.name]
-            loss = task.distill_loss(student(images)[task.name], merged, 1.0)
+                target = merged([m(batch)[m.tasks[0].name] for m in models])
+            if epoch:
+                teacher_seconds += time.perf_counter() - t0
+            out = student(batch)[student.tasks[0].name]
+            loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1),
+                            reduction="batchmean", log_target=True)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
         seconds.append(time.perf_counter() - start)
-    return seconds
+    return seconds, teacher_seconds / sum(seconds[1:])
 
 
-def child(variant: str, folder: Path, epochs: int) -> None:
-    teachers = [folder / "teacher0", folder / "teacher1"]
+def _confidence(logits):
+    return logits.max(1).values - logits.mean(1)
+
+
+def _check_merge(teachers, student, images, merged, mean, std) -> None:
+    """The written-out merge equals kamal's LogitMerger (so both loops compute one loss)."""
+    import torch
+
+    from kamal import LogitMerger
+
+    merger = LogitMerger(teachers, student.tasks)
+    merger.confidence_mean.copy_(mean)  # the same calibration as the plain loop's
+    merger.confidence_std.copy_(std)
+    with torch.no_grad():
+        outs = [t.model(images) for t in teachers]
+        mine = merged([o[t.tasks[0].name] for o, t in zip(outs, teachers, strict=True)])
+        theirs = merger(outs)[student.tasks[0].name]
+    if not torch.allclose(mine, theirs, atol=1e-5):
+        raise SystemExit("the plain loop's merge differs from kamal's LogitMerger")
+
+
+def child(variant: str, folder: Path, epochs: int, student: str) -> None:
+    start = time.perf_counter()
+    result: dict[str, Any] = {}
     if variant == "plain":
-        seconds = run_plain(teachers, epochs)
+        result["seconds"], result["teacher_share"] = run_plain(folder, epochs, student)
+    elif variant == "kamal-off-contiguous":  # the loop alone: teachers as the plain loop runs them
+        import kamal.teachers
+
+        kamal.teachers.CHANNELS_LAST_FASTER_ON = frozenset()
+        result["seconds"] = run_kamal(folder, epochs, "off", student)
     else:
-        seconds = run_kamal(folder, teachers, epochs, "off" if variant == "kamal-off" else "memory")
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
+        cache = "off" if variant == "kamal-off" else "memory"
+        result["seconds"] = run_kamal(folder, epochs, cache, student)
+    result["wall"] = time.perf_counter() - start
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def training_speed(args: argparse.Namespace, folder: Path, samples: int) -> tuple[str, dict]:
+    results: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.repeats):
+        for variant in VARIANTS:
+            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--folder",
+                                   str(folder), "--epochs", str(args.epochs), "--student",
+                                   args.student], capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            entry = results.setdefault(variant, {"ips": [], "rss": [], "wall": [], "share": []})
+            entry["ips"] += [samples / s for s in result["seconds"][1:]]  # epochs 2+
+            entry["rss"].append(result["rss_mb"])
+            entry["wall"].append(result["wall"])
+            if "teacher_share" in result:
+                entry["share"].append(result["teacher_share"])
+    plain = statistics.median(results["plain"]["ips"])
+    share = statistics.median(results["plain"]["share"])
+    rows = []
+    summary = {}
+    for variant, entry in results.items():
+        ips = statistics.median(entry["ips"])
+        summary[variant] = {"images_per_s": ips, "vs_plain": ips / plain,
+                            "peak_rss_mb": max(entry["rss"]), "run_wall_s": entry["wall"],
+                            "images_per_s_all": entry["ips"]}
+        rows.append(f"| {variant} | {ips:.1f} | {min(entry['ips']):.1f}–{max(entry['ips']):.1f} | "
+                    f"{ips / plain:.2f}x | {max(entry['rss']):.0f} | "
+                    f"{statistics.median(entry['wall']):.0f} |")
+    off, cached = summary["kamal-off"]["vs_plain"], summary["kamal-cache"]["vs_plain"]
+    ceiling = 1 / (1 - share)
+    lines = [
+        "## Training speed",
+        "",
+        f"KD amalgamation, two ResNet-18 teachers (random weights, `small_input`) -> "
+        f"{args.student} student, 1x{SIZE}x{SIZE} images ({samples} digits transfer images), "
+        f"batch {BATCH}, Adam, CPU. {args.repeats} repeats x epochs 2-{args.epochs}; images/s "
+        "are medians of the per-epoch figures (training loop only: kamal's per-epoch "
+        "checkpoint, setup and report are outside them, but inside 'run wall'). Each variant "
+        "runs in its own process: peak RSS is that process's. kamal runs its teachers "
+        "channels-last on the CPU (see Teacher execution); `kamal-off-contiguous` turns that "
+        "off, leaving kamal's loop against the plain one with identical teacher calls.",
+        "",
+        "| variant | images/s (median) | range | vs plain | peak RSS MB | run wall s |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- kamal without cache >= 0.95x plain: **{'met' if off >= 0.95 else 'missed'}** "
+        f"({off:.2f}x; with the teachers run exactly as the plain loop runs them, "
+        f"{summary['kamal-off-contiguous']['vs_plain']:.2f}x).",
+        f"- kamal with cache >= 2x plain from epoch 2: **{'met' if cached >= 2 else 'missed'}** "
+        f"({cached:.2f}x). In the plain loop the teachers take {share:.0%} of an epoch, so "
+        f"even free teacher outputs would give at most {ceiling:.2f}x: 2x needs teachers that "
+        "take at least half of the step, i.e. a student whose forward + backward costs no "
+        "more than the teachers' forwards together.",
+    ]
+    return "\n".join(lines), {"student": args.student, "samples": samples,
+                              "repeats": args.repeats, "epochs": args.epochs,
+                              "teacher_share_of_plain_epoch": share,
+                              "cache_ceiling_vs_plain": ceiling, "variants": summary}
+
+
+def teacher_execution(repeats: int) -> tuple[str, dict]:
+    """Teachers back to back, channels-last, vmapped: median ms per batch of 64."""
+    import torch
+
+    from kamal import ClassificationTask, InputSpec, KamalModel
+    from kamal.interfaces import Teacher
+    from kamal.teachers import TeacherRunner
+
+    cases = [("2x ResNet-18 (small_input)", "resnet18", {"small_input": True}, 32, repeats),
+             ("2x small-cnn w16", "small-cnn", {"width": 16}, 16, repeats * 10),
+             ("2x small-cnn w32", "small-cnn", {"width": 32}, 32, repeats * 5)]
+    modes = {"back to back": ("off", "off"), "channels-last": ("off", "on"),
+             "vmapped": ("on", "off")}
+    rows, data = [], {}
+    for label, arch, kwargs, size, reps in cases:
+        runners = {}
+        for mode, (batch, channels_last) in modes.items():
+            teachers = []
+            for seed, classes in ((0, "01234"), (1, "56789")):
+                torch.manual_seed(seed)
+                teachers.append(Teacher(f"t{seed}", KamalModel(
+                    arch, [ClassificationTask(f"t{seed}", list(classes))],
+                    InputSpec(1, (size, size)), kwargs)))
+            runners[mode] = TeacherRunner(teachers, [[], []], batch, channels_last)
+        images = torch.rand(BATCH, 1, size, size)
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for runner in runners.values():
+            runner(images)  # plan, check, warm up
+            runner(images)
+        for _ in range(reps):  # interleaved, so load changes hit every mode alike
+            for mode, runner in runners.items():
+                start = time.perf_counter()
+                runner(images)
+                times[mode].append(time.perf_counter() - start)
+        ms = {mode: 1000 * statistics.median(v) for mode, v in times.items()}
+        base = ms["back to back"]
+        data[label] = {"size": size, "repeats": reps, "median_ms": ms}
+        rows.append(f"| {label}, {size}x{size} | " + " | ".join(
+            f"{ms[m]:.1f} ({base / ms[m]:.2f}x)" for m in modes) + " |")
+    lines = [
+        "## Teacher execution",
+        "",
+        f"Two teachers on a batch of {BATCH} 1-channel images, CPU, no grad: median ms per batch "
+        "(speed-up over back to back), modes interleaved. `vmapped` = one call over stacked "
+        "weights (`torch.func.stack_module_state` + `functional_call` + `vmap`); "
+        "`channels-last` = back to back with weights and input channels-last.",
+        "",
+        "| teachers | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+        *rows,
+        "",
+        "`train.batch_teachers: auto` uses the vmapped call only on device types listed in "
+        "`kamal.teachers.BATCHED_FASTER_ON` and `train.teacher_channels_last: auto` "
+        "channels-last only on those in `CHANNELS_LAST_FASTER_ON`: these figures are why "
+        "the first is empty and the second is `{cpu}`.",
+    ]
+    return "\n".join(lines), {"cases": data}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=192, help="transfer images (<= 539)")
+    parser.add_argument("--student", choices=sorted(STUDENTS), default="resnet18")
+    parser.add_argument("--skip-training", action="store_true", help="teacher execution only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, Path(args.folder), args.epochs)
+        child(args.child, Path(args.folder), args.epochs, args.student)
         return
-    from kamal.data.digits import build_digits
-
-    samples = len(build_digits("transfer")) // 64 * 64  # drop_last
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        make_teachers(folder)
-        results: dict[str, dict[str, list[float]]] = {}
-        for _ in range(args.repeats):
-            for variant in ("plain", "kamal-off", "kamal-cache"):
-                proc = subprocess.run([sys.executable, __file__, "--child", variant, "--folder",
-                                       str(folder), "--epochs", str(args.epochs)],
-                                      capture_output=True, text=True, check=True)
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                entry = results.setdefault(variant, {"ips": [], "rss": []})
-                later = result["seconds"][1:]  # epochs 2+ (the cache is built before epoch 1)
-                entry["ips"] += [samples / s for s in later]
-                entry["rss"].append(result["rss_mb"])
-    plain = statistics.median(results["plain"]["ips"])
-    print(f"KD, 2 ResNet-18 teachers -> ResNet-18 student, 32x32, batch 64, CPU, "
-          f"{args.repeats} repeats x epochs 2-{args.epochs}")
-    print(f"{'variant':<14} {'images/s':>9} {'vs plain':>9} {'peak RSS MB':>12}")
-    for variant, entry in results.items():
-        ips = statistics.median(entry["ips"])
-        print(f"{variant:<14} {ips:>9.1f} {ips / plain:>8.2f}x {max(entry['rss']):>12.0f}")
+    if not args.skip_training:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            make_teachers(folder)
+            samples = make_images(folder, args.samples) // BATCH * BATCH  # drop_last
+            text, data = training_speed(args, folder, samples)
+        _report.update("speed", text, data)
+        print(text, flush=True)
+    text, data = teacher_execution(max(args.repeats, 3) * 2 + 1)
+    _report.update("teachers", text, data)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Shared by the benchmark scripts: each rewrites only its own marked section of
+docs/benchmarks.md (``<!-- name:begin -->`` ... ``<!-- name:end -->``) and its own key of
+docs/benchmarks.json, stamped with the command, the date and the machine. Text outside the
+markers is kept as written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKDOWN = ROOT / "docs" / "benchmarks.md"
+JSON_FILE = ROOT / "docs" / "benchmarks.json"
+HEADER = ("# Benchmarks\n\nWritten by the scripts in `benchmarks/` (`nox -s bench` runs them "
+          "all). Each section names the command that produced it, the date and the machine; "
+          "rerunning a script rewrites only its own section.\n")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(terse=True), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min": round(load, 2) if load is not None else None}
+
+
+def command() -> str:
+    """The command line that ran the calling script."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        shown = script.relative_to(ROOT)
+    except ValueError:
+        shown = script
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
+def stamp(info: dict[str, Any]) -> str:
+    """One line: command, date, machine."""
+    return (f"_Measured by `{info['command']}` on {info['date']}: {info['machine']['platform']}, "
+            f"{info['machine']['cpus']} CPUs, torch {info['machine']['torch']} "
+            f"({info['machine']['torch_threads']} threads), 1-min load average "
+            f"{info['machine']['load_average_1min']} at the end._")
+
+
+def update(section: str, markdown: str, data: dict[str, Any]) -> None:
+    """Replace (or append) ``section`` in docs/benchmarks.md and its key in the JSON file."""
+    info = {"command": command(), "date": _dt.date.today().isoformat(), "machine": machine()}
+    block = (f"<!-- {section}:begin -->\n{markdown.rstrip()}\n\n{stamp(info)}\n"
+             f"<!-- {section}:end -->")
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else HEADER
+    pattern = re.compile(rf"<!-- {re.escape(section)}:begin -->.*?<!-- {re.escape(section)}:end -->",
+                         re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    MARKDOWN.write_text(text)
+    everything = json.loads(JSON_FILE.read_text()) if JSON_FILE.exists() else {}
+    everything[section] = {**info, **data}
+    JSON_FILE.write_text(json.dumps(everything, indent=1) + "\n")
