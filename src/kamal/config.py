@@ -99,7 +99,8 @@ class TrainConfig(_Strict):
     """The training loop."""
 
     epochs: int = Field(20, ge=1, description="Passes over the training data.")
-    batch_size: int = Field(64, ge=1, description="Images per step.")
+    batch_size: int = Field(64, ge=1, description=(
+        "Images per step, over all processes of a distributed run (each takes an equal share)."))
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: Literal["cosine", "none"] = Field("cosine", description="LR schedule over all steps.")
     seed: int = Field(0, description="Seeds initialisation, shuffling and augmentation.")

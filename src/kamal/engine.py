@@ -162,10 +162,11 @@ class Trainer:
         self._resume_state: dict[str, Any] | None = None
         for module in modules.values():
             module.to(device)
-        if resume:
-            self._load_latest()
+        state = self._load_latest() if resume else None
         for module in modules.values():
             distributed.broadcast_module(module)
+        if state is not None:
+            self._restore_own_buffers(state)
 
     def _scratch_folder(self) -> Path:
         folder = Path(tempfile.mkdtemp(prefix=f"kamal-rank{self.rank}-"))
@@ -363,7 +364,9 @@ class Trainer:
             save_state(path, {"modules": self._weights(), "best": self.best})
 
     def _save_latest(self, stage, epoch, batch, optimizer, scheduler) -> None:
-        rng_by_process = distributed.all_gather_object(rng_state()) if self.world > 1 else None
+        # what differs between processes: random state, and mid-epoch the BatchNorm statistics
+        by_process = (distributed.all_gather_object({"rng": rng_state(), "buffers": self._buffers()})
+                      if self.world > 1 else None)
         if not self.is_main:
             return
         save_state(self.latest_path, {
@@ -372,10 +375,10 @@ class Trainer:
             "last_eval": self.last_eval, "modules": self._weights(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(), "processes": self.world, "rng_by_process": rng_by_process,
+            "rng": rng_state(), "processes": self.world, "by_process": by_process,
         })
 
-    def _load_latest(self) -> None:
+    def _load_latest(self) -> dict[str, Any]:
         if not self.latest_path.exists():
             raise KamalError(f"--resume: no checkpoint at {self.latest_path}; run without --resume")
         state = load_state(self.latest_path)
@@ -391,11 +394,26 @@ class Trainer:
         self.last_eval = state["last_eval"] or {}
         if state["optimizer"] is not None:
             self._resume_state = state
+        return state
+
+    def _buffers(self) -> dict[str, dict[str, Tensor]]:
+        return {name: {k: v.detach().cpu() for k, v in module.named_buffers() if v.is_floating_point()}
+                for name, module in self.modules.items()}
+
+    def _restore_own_buffers(self, state: dict[str, Any]) -> None:
+        by_process = state.get("by_process")
+        if not by_process or len(by_process) != self.world:
+            return
+        with torch.no_grad():
+            for name, buffers in by_process[self.rank]["buffers"].items():
+                own = dict(self.modules[name].named_buffers())
+                for key, value in buffers.items():
+                    own[key].copy_(value)
 
     def _own_rng(self, state: dict[str, Any]) -> dict[str, Any]:
         """This process's saved random state (the main one's if the process count changed)."""
-        by_process = state.get("rng_by_process")
-        return by_process[self.rank] if by_process and len(by_process) == self.world else state["rng"]
+        by_process = state.get("by_process")
+        return by_process[self.rank]["rng"] if by_process and len(by_process) == self.world else state["rng"]
 
     def load_modules(self, weights: dict[str, dict[str, Tensor]]) -> None:
         """Load module weights saved by this trainer (e.g. the best checkpoint)."""
