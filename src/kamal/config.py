@@ -305,8 +305,8 @@ def reference_markdown(model: type[BaseModel], title: str) -> str:
                 walk(inner, path + ".")
                 continue
             default = "required" if field.is_required() else (
-                "[]" if field.default_factory is list else
-                "{}" if field.default_factory is dict else repr(field.default))
+                repr(field.default_factory()) if field.default_factory is not None  # type: ignore[call-arg]
+                else repr(field.default))
             kind = _type_name(field.annotation)
             description = (field.description or "").replace("|", "/")
             rows.append(f"| `{path}` | `{kind}`, default `{default}` | {description} |")
