@@ -41,14 +41,15 @@ def command() -> str:
         shown = script.relative_to(ROOT)
     except ValueError:
         shown = script
-    return " ".join(["python", str(shown), *sys.argv[1:]])
+    threads = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ]
+    return " ".join([*threads, "python", str(shown), *sys.argv[1:]])
 
 
 def stamp(info: dict[str, Any]) -> str:
     """One line: command, date, machine."""
     return (f"_Measured by `{info['command']}` on {info['date']}: {info['machine']['platform']}, "
-            f"{info['machine']['cpus']} CPUs, torch {info['machine']['torch']} "
-            f"({info['machine']['torch_threads']} threads), 1-min load average "
+            f"{info['machine']['cpus']} CPUs, torch {info['machine']['torch']} with "
+            f"{info['machine']['torch_threads']} thread(s), 1-min load average "
             f"{info['machine']['load_average_1min']} at the end._")
 
 

@@ -1,16 +1,19 @@
 """Training speed: a KD amalgamation of two ResNet-18 teachers at 32x32 on the CPU.
 
-Three variants, each in its own process (so peak RSS is per variant), interleaved over
-``--repeats``: ``plain``, a hand-written PyTorch loop computing the same losses (kamal's
-calibrated ``standardize`` merge written out, KL at T=1, Adam, cosine schedule);
-``kamal-off``, ``kamal amalgamate`` without the teacher cache; ``kamal-cache``, with the
-in-memory cache. Images/s are medians over epochs 2+ of every repeat (epoch 1 warms up; the
-cache is built before it). Then the teacher-execution micro-benchmark: the same teachers run
-back to back, channels-last, and as one vmapped call (kamal.teachers).
+Variants, each in its own process (so peak RSS is per variant), repeated ``--repeats`` times
+in rotating order: ``plain``, a hand-written PyTorch loop computing the same losses (kamal's
+calibrated ``standardize`` merge written out and checked against ``LogitMerger``, KL at T=1,
+Adam, cosine schedule); ``kamal-off``, ``kamal amalgamate`` without the teacher cache;
+``kamal-cache``, with the in-memory cache; optionally ``kamal-off-contiguous``, kamal
+without cache and without channels-last teachers. Images/s come from the median time
+between consecutive step starts in epochs 2+ (epoch 1 warms up; the cache is built before
+it). Then the teacher-execution micro-benchmark: the same teachers back to back,
+channels-last, and as one vmapped call (kamal.teachers).
 
 Rewrites the "speed" and "teachers" sections of docs/benchmarks.md (and their JSON keys).
 
-    python benchmarks/speed.py [--repeats 3] [--epochs 3] [--samples 192] [--student resnet18]
+    python benchmarks/speed.py [--repeats 3] [--epochs 2] [--samples 128] [--student resnet18]
+                               [--variants plain kamal-off kamal-cache kamal-off-contiguous]
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 
-SIZE, BATCH = 32, 64
+SIZE, BATCH = 32, 32
 VARIANTS = ("plain", "kamal-off", "kamal-cache", "kamal-off-contiguous")
+DEFAULT_VARIANTS = VARIANTS[:3]
 STUDENTS = {"resnet18": {"small_input": True}, "small-cnn": {"width": 32}}
 
 
@@ -70,10 +74,25 @@ def _data_ref(folder: Path) -> dict[str, Any]:
     return {"dataset": "image-folder", "root": str(folder / "images"), "size": SIZE, "channels": 1}
 
 
-def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> list[float]:
-    """Seconds per epoch of `kamal amalgamate` (from its metrics.jsonl)."""
-    from kamal import amalgamate
+def _step_seconds(starts: list[tuple[int, float]]) -> list[float]:
+    """Seconds between consecutive step starts of the same epoch, epochs 2+ (1 warms up)."""
+    return [b - a for (ea, a), (eb, b) in zip(starts, starts[1:], strict=False)
+            if ea == eb and ea > 0]
 
+
+def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> dict[str, Any]:
+    """Step times of `kamal amalgamate` (a clock at each call of its step function)."""
+    from kamal import amalgamate
+    from kamal.run import AmalgamationStep
+
+    starts: list[tuple[int, float]] = []
+    original = AmalgamationStep.__call__
+
+    def timed(self, data, info):
+        starts.append((info.epoch, time.perf_counter()))
+        return original(self, data, info)
+
+    AmalgamationStep.__call__ = timed  # type: ignore[method-assign]
     config = {
         "teachers": [{"path": str(folder / "teacher0")}, {"path": str(folder / "teacher1")}],
         "student": {"architecture": student, "architecture_kwargs": STUDENTS[student]},
@@ -85,13 +104,12 @@ def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> list[float
     path = folder / f"speed-{cache}-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     out = folder / f"run-{path.stem}"
-    amalgamate(path, out, progress=False)
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["seconds"] for r in records if r.get("event") == "epoch"]
+    report = amalgamate(path, out, progress=False)
+    return {"steps": _step_seconds(starts), "cache_bytes": report["teacher_cache"]["bytes"]}
 
 
-def run_plain(folder: Path, epochs: int, student_arch: str) -> tuple[list[float], float]:
-    """The same KD as a plain loop; returns seconds per epoch and the teachers' share of time."""
+def run_plain(folder: Path, epochs: int, student_arch: str) -> dict[str, Any]:
+    """The same KD as a plain loop: step times and the teachers' share of each step."""
     import math
 
     import torch
@@ -128,16 +146,15 @@ def run_plain(folder: Path, epochs: int, student_arch: str) -> tuple[list[float]
     total = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-    seconds, teacher_seconds = [], 0.0
+    starts: list[tuple[int, float]] = []
+    teacher_seconds: list[float] = []
     for epoch in range(epochs):
         student.train()
-        start = time.perf_counter()
         for batch in loader:
-            t0 = time.perf_counter()
+            starts.append((epoch, time.perf_counter()))
             with torch.no_grad():
                 target = merged([m(batch)[m.tasks[0].name] for m in models])
-            if epoch:
-                teacher_seconds += time.perf_counter() - t0
+            teacher_seconds.append(time.perf_counter() - starts[-1][1])
             out = student(batch)[student.tasks[0].name]
             loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1),
                             reduction="batchmean", log_target=True)
@@ -145,8 +162,13 @@ def run_plain(folder: Path, epochs: int, student_arch: str) -> tuple[list[float]
             loss.backward()
             optimizer.step()
             schedule.step()
-        seconds.append(time.perf_counter() - start)
-    return seconds, teacher_seconds / sum(seconds[1:])
+    steps = _step_seconds(starts)
+    shares = []
+    durations = iter(steps)
+    for (ea, _), (eb, _), spent in zip(starts, starts[1:], teacher_seconds, strict=False):
+        if ea == eb and ea > 0:
+            shares.append(spent / next(durations))
+    return {"steps": steps, "teacher_share": shares}
 
 
 def _confidence(logits):
@@ -172,17 +194,15 @@ def _check_merge(teachers, student, images, merged, mean, std) -> None:
 
 def child(variant: str, folder: Path, epochs: int, student: str) -> None:
     start = time.perf_counter()
-    result: dict[str, Any] = {}
     if variant == "plain":
-        result["seconds"], result["teacher_share"] = run_plain(folder, epochs, student)
+        result = run_plain(folder, epochs, student)
     elif variant == "kamal-off-contiguous":  # the loop alone: teachers as the plain loop runs them
         import kamal.teachers
 
         kamal.teachers.CHANNELS_LAST_FASTER_ON = frozenset()
-        result["seconds"] = run_kamal(folder, epochs, "off", student)
+        result = run_kamal(folder, epochs, "off", student)
     else:
-        cache = "off" if variant == "kamal-off" else "memory"
-        result["seconds"] = run_kamal(folder, epochs, cache, student)
+        result = run_kamal(folder, epochs, "off" if variant == "kamal-off" else "memory", student)
     result["wall"] = time.perf_counter() - start
     result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -190,62 +210,77 @@ def child(variant: str, folder: Path, epochs: int, student: str) -> None:
 
 def training_speed(args: argparse.Namespace, folder: Path, samples: int) -> tuple[str, dict]:
     results: dict[str, dict[str, list[float]]] = {}
-    for _ in range(args.repeats):
-        for variant in VARIANTS:
+    variants = list(args.variants)
+    for repeat in range(args.repeats):
+        shift = repeat % len(variants)  # rotate the order: load changes hit every variant
+        for variant in variants[shift:] + variants[:shift]:
             proc = subprocess.run([sys.executable, __file__, "--child", variant, "--folder",
                                    str(folder), "--epochs", str(args.epochs), "--student",
                                    args.student], capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            entry = results.setdefault(variant, {"ips": [], "rss": [], "wall": [], "share": []})
-            entry["ips"] += [samples / s for s in result["seconds"][1:]]  # epochs 2+
+            entry = results.setdefault(variant, {"ips": [], "rss": [], "wall": [], "share": [],
+                                                 "cache": []})
+            entry["ips"] += [BATCH / s for s in result["steps"]]
             entry["rss"].append(result["rss_mb"])
             entry["wall"].append(result["wall"])
-            if "teacher_share" in result:
-                entry["share"].append(result["teacher_share"])
+            entry["share"] += result.get("teacher_share", [])
+            entry["cache"].append(result.get("cache_bytes", 0))
     plain = statistics.median(results["plain"]["ips"])
     share = statistics.median(results["plain"]["share"])
     rows = []
     summary = {}
-    for variant, entry in results.items():
+    for variant in variants:
+        entry = results[variant]
         ips = statistics.median(entry["ips"])
         summary[variant] = {"images_per_s": ips, "vs_plain": ips / plain,
                             "peak_rss_mb": max(entry["rss"]), "run_wall_s": entry["wall"],
-                            "images_per_s_all": entry["ips"]}
+                            "cache_bytes": max(entry["cache"]), "images_per_s_all": entry["ips"]}
+        cache = f"{max(entry['cache']) / 2**10:.1f} KiB" if max(entry["cache"]) else "–"
         rows.append(f"| {variant} | {ips:.1f} | {min(entry['ips']):.1f}–{max(entry['ips']):.1f} | "
-                    f"{ips / plain:.2f}x | {max(entry['rss']):.0f} | "
+                    f"{ips / plain:.2f}x | {max(entry['rss']):.0f} | {cache} | "
                     f"{statistics.median(entry['wall']):.0f} |")
-    off, cached = summary["kamal-off"]["vs_plain"], summary["kamal-cache"]["vs_plain"]
     ceiling = 1 / (1 - share)
     lines = [
         "## Training speed",
         "",
         f"KD amalgamation, two ResNet-18 teachers (random weights, `small_input`) -> "
-        f"{args.student} student, 1x{SIZE}x{SIZE} images ({samples} digits transfer images), "
-        f"batch {BATCH}, Adam, CPU. {args.repeats} repeats x epochs 2-{args.epochs}; images/s "
-        "are medians of the per-epoch figures (training loop only: kamal's per-epoch "
-        "checkpoint, setup and report are outside them, but inside 'run wall'). Each variant "
-        "runs in its own process: peak RSS is that process's. kamal runs its teachers "
-        "channels-last on the CPU (see Teacher execution); `kamal-off-contiguous` turns that "
-        "off, leaving kamal's loop against the plain one with identical teacher calls.",
+        f"{args.student} student, 1x{SIZE}x{SIZE} images ({samples} digits transfer images as "
+        f"an image folder), batch {BATCH}, Adam, CPU. {args.repeats} repeats (variant order "
+        "rotated), each variant in its own process (peak RSS is that process's). Images/s = "
+        f"batch / median seconds between consecutive step starts in epochs 2-{args.epochs} "
+        "(epoch 1 warms up; the cache is built before it), so each step's data loading, "
+        "teachers, student, backward and optimizer count, and kamal's per-epoch checkpoint, "
+        "setup and final report do not ('run wall' has everything). kamal runs its teachers "
+        "channels-last on the CPU (see Teacher execution); `kamal-off-contiguous`, where "
+        "measured, turns that off: kamal's loop against the plain one with identical teacher "
+        "calls.",
         "",
-        "| variant | images/s (median) | range | vs plain | peak RSS MB | run wall s |",
-        "|---|---|---|---|---|---|",
+        "| variant | images/s (median) | range | vs plain | peak RSS MB | cache | run wall s |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"- kamal without cache >= 0.95x plain: **{'met' if off >= 0.95 else 'missed'}** "
-        f"({off:.2f}x; with the teachers run exactly as the plain loop runs them, "
-        f"{summary['kamal-off-contiguous']['vs_plain']:.2f}x).",
-        f"- kamal with cache >= 2x plain from epoch 2: **{'met' if cached >= 2 else 'missed'}** "
-        f"({cached:.2f}x). In the plain loop the teachers take {share:.0%} of an epoch, so "
-        f"even free teacher outputs would give at most {ceiling:.2f}x: 2x needs teachers that "
-        "take at least half of the step, i.e. a student whose forward + backward costs no "
-        "more than the teachers' forwards together.",
     ]
-    return "\n".join(lines), {"student": args.student, "samples": samples,
+    if "kamal-off" in summary:
+        off = summary["kamal-off"]["vs_plain"]
+        alone = (f"; with teachers run exactly as the plain loop runs them, "
+                 f"{summary['kamal-off-contiguous']['vs_plain']:.2f}x"
+                 if "kamal-off-contiguous" in summary else "")
+        lines.append(f"- kamal without cache >= 0.95x plain: "
+                     f"**{'met' if off >= 0.95 else 'missed'}** ({off:.2f}x{alone}).")
+    if "kamal-cache" in summary:
+        cached = summary["kamal-cache"]["vs_plain"]
+        lines.append(
+            f"- kamal with cache >= 2x plain from epoch 2: "
+            f"**{'met' if cached >= 2 else 'missed'}** ({cached:.2f}x). In the plain loop the "
+            f"teachers take {share:.0%} of a step (median), so even free teacher outputs would "
+            f"give about {ceiling:.2f}x: 2x needs teachers taking at least half of the step, "
+            "i.e. a student whose forward + backward costs no more than the teachers' forwards "
+            "together.")
+    return "\n".join(lines), {"student": args.student, "samples": samples, "batch": BATCH,
                               "repeats": args.repeats, "epochs": args.epochs,
-                              "teacher_share_of_plain_epoch": share,
+                              "teacher_share_of_plain_step": share,
                               "cache_ceiling_vs_plain": ceiling, "variants": summary}
 
 
@@ -312,13 +347,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=192, help="transfer images (<= 539)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=128, help="transfer images (<= 539)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS,
+                        help="plain must be one of them")
     parser.add_argument("--student", choices=sorted(STUDENTS), default="resnet18")
     parser.add_argument("--skip-training", action="store_true", help="teacher execution only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "plain" not in args.variants:
+        parser.error("--variants: the ratios need plain")
     if args.child:
         child(args.child, Path(args.folder), args.epochs, args.student)
         return

@@ -29,6 +29,15 @@ COMMANDS = {
 TARGET_S = 0.5  # kamal list-plugins, median
 
 
+def install_kind() -> str:
+    """Whether kamal is installed editable (slower start: its import hooks) or as a wheel."""
+    from importlib.metadata import distribution
+
+    direct = distribution("kamal").read_text("direct_url.json") or "{}"
+    editable = json.loads(direct).get("dir_info", {}).get("editable", False)
+    return "editable installs" if editable else "regular (non-editable) installs"
+
+
 def median_seconds(command: list[str], repeats: int) -> float:
     """Median wall time of ``command`` over ``repeats`` runs (after one warm-up)."""
     subprocess.run(command, capture_output=True, check=True)
@@ -61,13 +70,15 @@ def main() -> None:
     lines = ["## Startup", "",
              f"Median wall time of {args.repeats} runs each (after one warm-up), through "
              f"{'the `kamal` console script' if len(KAMAL) == 1 else '`python -m kamal`'}, "
-             f"with these plugins loaded: {', '.join(str(n) for n in names) or 'none'}.",
+             f"{install_kind()}, with these plugins loaded: "
+             f"{', '.join(str(n) for n in names) or 'none'}.",
              "", "| command | median s | vs python |", "|---|---|---|"]
     lines += [f"| `{name}` | {s:.3f} | {s / base:.1f}x |" for name, s in medians.items()]
     lines += ["", f"- `kamal list-plugins` under {TARGET_S} s median: "
                   f"**{'met' if listed < TARGET_S else 'missed'}** ({listed:.3f} s)."]
     _report.update("startup", "\n".join(lines), {"median_s": medians, "plugins": names,
-                                                 "repeats": args.repeats})
+                                                 "repeats": args.repeats,
+                                                 "install": install_kind()})
 
 
 if __name__ == "__main__":
