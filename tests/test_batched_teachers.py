@@ -131,3 +131,15 @@ def test_channels_last_leaves_the_teacher_itself_alone():
     TeacherRunner([teacher], [[]], batch="off", channels_last="on")(torch.rand(2, 1, 8, 8))
     conv = teacher.model.net.block2[0].weight
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_the_run_config_chooses_how_teachers_run(tmp_path, tiny_teachers, switch):
+    from kamal.run import amalgamate
+    from kamal.testing import write_run_config
+
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=1)
+    report = amalgamate(config, tmp_path / "run", progress=False,
+                        overrides=[f"train.batch_teachers={switch}", "train.teacher_channels_last=off"])
+    groups = report["teacher_execution"]["batched_groups"]
+    assert [len(g) for g in groups] == ([2] if switch == "on" else [])

@@ -256,7 +256,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     amalgamator.setup(student, _images(transfer))
     if distributed.is_main_process():
         _write_resolved_config(out, cfg, teachers, base_dir)
-    step = AmalgamationStep(teachers, student, amalgamator)
+    step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
+                            teacher_channels_last=cfg.train.teacher_channels_last)
     local = distributed.shard(transfer, cfg.train.seed)
     step.cache = _build_cache(step, transfer, cfg, out, device, local)
 
@@ -281,6 +282,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     report["best_checkpoint"] = trainer.best
     report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
                                if step.cache else {"mode": "off", "bytes": 0})
+    report["teacher_execution"] = step.runner.describe()
     _finish(out, student, report, amalgamator, teachers)
     return report
 
