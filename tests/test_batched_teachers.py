@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kamal import ClassificationTask, InputSpec, KamalModel
-from kamal.config import TrainConfig
+from kamal.config import AmalgamationTrainConfig
 from kamal.interfaces import Teacher
 from kamal.teachers import TeacherRunner, group_key
 
@@ -122,7 +122,7 @@ def test_unvmappable_architecture_falls_back_once_and_logged(caplog):
 
 @pytest.mark.parametrize(("given", "expected"), [(True, "on"), (False, "off"), ("auto", "auto")])
 def test_yaml_on_off_are_accepted(given, expected):
-    cfg = TrainConfig(batch_teachers=given, teacher_channels_last=given)
+    cfg = AmalgamationTrainConfig(batch_teachers=given, teacher_channels_last=given)
     assert (cfg.batch_teachers, cfg.teacher_channels_last) == (expected, expected)
 
 

@@ -108,3 +108,12 @@ def test_resume_without_checkpoint(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(main, ["--debug", "amalgamate", str(tmp_path / "nope.yaml")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_train_configs_refuse_teacher_only_keys(tmp_path):
+    data = yaml.safe_load((EXAMPLES / "digits" / "supervised.yaml").read_text())
+    data["train"]["teacher_cache"] = "memory"
+    path = tmp_path / "supervised.yaml"
+    path.write_text(yaml.safe_dump(data))
+    output = _fail("train", str(path), "-o", str(tmp_path / "out"))
+    assert "train.teacher_cache: unknown key" in output

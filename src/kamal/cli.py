@@ -7,6 +7,7 @@ Heavy modules (torch) are imported inside commands, so ``kamal --help`` and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -28,7 +29,8 @@ class _Group(click.Group):
             from .engine import Interrupted
 
             if isinstance(exc, Interrupted):
-                click.echo(f"kamal: {exc}", err=True)
+                if os.environ.get("RANK", "0") == "0":  # torchrun: the main process says it once
+                    click.echo(f"kamal: {exc}", err=True)
                 ctx.exit(130)
             raise click.ClickException(str(exc)) from None
 

@@ -107,6 +107,19 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     log_every: int = Field(10, ge=1, description="Log the losses every N steps.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (
+                value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda, cuda:N or mps")
+
+
+class AmalgamationTrainConfig(TrainConfig):
+    """The training loop of an amalgamation, and how its frozen teachers run."""
+
     teacher_cache: Literal["auto", "off", "memory", "disk"] = Field(
         "auto", description="Compute teacher outputs once and reuse them (needs data without "
         "random augmentation). auto: memory if it fits the budget, else disk; off with "
@@ -131,14 +144,6 @@ class TrainConfig(_Strict):
     def _yaml_on_off(cls, value: Any) -> Any:
         return ("on" if value else "off") if isinstance(value, bool) else value  # YAML 1.1
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda", "mps") or (
-                value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda, cuda:N or mps")
-
 
 class AlgorithmRef(BaseModel):
     """``name`` of a registered amalgamator; other keys are its hyperparameters."""
@@ -154,7 +159,7 @@ class RunConfig(_Strict):
     student: StudentConfig
     algorithm: AlgorithmRef
     data: AmalgamationData
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: AmalgamationTrainConfig = Field(default_factory=AmalgamationTrainConfig)
 
 
 class ModelSpec(_Strict):
