@@ -139,3 +139,32 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_teachers):
                             capture_output=True, text=True, timeout=300, env=os.environ)
     assert result.returncode == 0, result.stderr
     assert (out / "student" / "model.safetensors").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    from kamal.checkpoint import save_state
+
+    path = tmp_path / "latest.safetensors"
+    save_state(path, {"step": 1, "w": torch.ones(3)})
+    shared = torch.zeros(4)
+    with pytest.raises(Exception, match="share memory"):  # safetensors refuses aliased tensors
+        save_state(path, {"step": 2, "a": shared, "b": shared})
+    assert load_state(path)["step"] == 1
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+CHECKPOINT_MEMORY = """
+import resource, sys, torch
+from kamal.checkpoint import save_state
+state = {"modules": {f"w{i}": torch.randn(1024, 1024) for i in range(32)}}  # 128 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+save_state(sys.argv[1], state)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_checkpoints_stream_to_disk_without_a_copy_in_memory(tmp_path):
+    result = subprocess.run([sys.executable, "-c", CHECKPOINT_MEMORY, str(tmp_path / "c.safetensors")],
+                            capture_output=True, text=True, check=True)
+    assert int(result.stdout) < 32, f"saving 128 MiB raised peak memory by {result.stdout} MiB"
+    assert load_state(tmp_path / "c.safetensors")["modules"]["w0"].shape == (1024, 1024)

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError
+from .repo import atomic_save_tensors
 
 # teacher index -> ({task: output}, {layer: feature}) for a batch of images
 TeacherFn = Callable[[Tensor], tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]]
@@ -100,15 +101,10 @@ class TeacherCache:
     # --- disk shards -------------------------------------------------------------------
 
     def _write_shard(self, number: int, chunks: dict[str, list[Tensor]], start: int) -> dict:
-        from safetensors.torch import save_file
-
         assert self.folder is not None
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"shard-{number:05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.folder / name)
+        atomic_save_tensors(self.folder / name, tensors)
         rows = next(iter(tensors.values())).shape[0]
         return {"file": name, "start": start, "rows": rows}
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import KamalError
-from .repo import atomic_write_bytes
+from .repo import atomic_save_tensors
 
 _META_KEY = "kamal_state"
 
@@ -60,12 +60,9 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (nested dicts/lists of tensors and JSON values) atomically."""
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, tensors)
-    data = save(tensors, metadata={_META_KEY: json.dumps(skeleton)})
-    atomic_write_bytes(Path(path), data)
+    atomic_save_tensors(Path(path), tensors, metadata={_META_KEY: json.dumps(skeleton)})
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

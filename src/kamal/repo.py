@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,15 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one."""
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, sync it, then rename it over
+    ``path``: a crash leaves either the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -37,15 +39,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None,
+                        ) -> None:
+    """Write ``tensors`` as a safetensors file atomically. ``save_file`` streams the tensors
+    to disk; building the file in memory first (``save``) would double peak memory."""
+    from safetensors.torch import save_file
+
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def save_model_repo(model: Student, folder: str | Path, card: str | None = None,
                     extra_config: dict[str, Any] | None = None) -> Path:
     """Save ``model`` as a model repo in ``folder`` (created; files replaced atomically)."""
-    from safetensors.torch import save
-
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = {**model.config(), **(extra_config or {})}
-    atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+    atomic_save_tensors(folder / WEIGHTS_FILE, state)
     atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     if card is not None:
         atomic_write_bytes(folder / CARD_FILE, card.encode())
