@@ -40,19 +40,16 @@ class AccuracyMeter(Meter):
                 "samples": float(self.count)}
 
 
-class ClassificationTask(Task):
-    """Predict one of ``classes`` (named, so teachers with overlapping classes can merge)."""
-
-    kind = "classification"
-    primary_metric = "top1"
+class NamedClassesTask(Task):
+    """A task whose outputs are scores of distinct, named ``classes`` (one output each)."""
 
     def __init__(self, name: str, classes: Sequence[str]) -> None:
         super().__init__(name)
         self.classes = [str(c) for c in classes]
         if not self.classes:
-            raise ModelRepoError(f"classification task '{name}' has no classes")
+            raise ModelRepoError(f"{self.kind} task '{name}' has no classes")
         if len(set(self.classes)) != len(self.classes):
-            raise ModelRepoError(f"classification task '{name}' repeats class names")
+            raise ModelRepoError(f"{self.kind} task '{name}' repeats class names")
 
     @property
     def num_outputs(self) -> int:
@@ -60,6 +57,13 @@ class ClassificationTask(Task):
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
+
+
+class ClassificationTask(NamedClassesTask):
+    """Predict one of ``classes`` (named, so teachers with overlapping classes can merge)."""
+
+    kind = "classification"
+    primary_metric = "top1"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassificationTask:

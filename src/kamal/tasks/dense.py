@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import KamalError, ModelRepoError
 from ..interfaces import Meter, Task
+from .classification import NamedClassesTask
 
 IGNORE = -1
 DepthLoss = Literal["l1", "berhu"]
@@ -91,26 +92,11 @@ class SegmentationMeter(Meter):
                 "pixels": float(total)}
 
 
-class SegmentationTask(Task):
+class SegmentationTask(NamedClassesTask):
     """Per-pixel classification into named ``classes``; outputs are (N, classes, H, W) logits."""
 
     kind = "segmentation"
     primary_metric = "miou"
-
-    def __init__(self, name: str, classes: Sequence[str]) -> None:
-        super().__init__(name)
-        self.classes = [str(c) for c in classes]
-        if not self.classes:
-            raise ModelRepoError(f"segmentation task '{name}' has no classes")
-        if len(set(self.classes)) != len(self.classes):
-            raise ModelRepoError(f"segmentation task '{name}' repeats class names")
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.classes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmentationTask:
