@@ -83,7 +83,7 @@ def _step_seconds(starts: list[tuple[int, float]]) -> list[float]:
 def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> dict[str, Any]:
     """Step times of `kamal amalgamate` (a clock at each call of its step function)."""
     from kamal import amalgamate
-    from kamal.run import AmalgamationStep
+    from kamal.step import AmalgamationStep
 
     starts: list[tuple[int, float]] = []
     original = AmalgamationStep.__call__

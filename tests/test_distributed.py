@@ -162,7 +162,7 @@ def test_a_global_batch_that_does_not_split_is_refused(tmp_path):
 
 LAUNCH = """
 import sys
-from kamal.engine import Interrupted
+from kamal import Interrupted
 from kamal.run import amalgamate
 
 config, out, interrupt_after, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"

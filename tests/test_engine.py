@@ -15,11 +15,18 @@ import pytest
 import torch
 from pydantic import Field
 
-from kamal import Amalgamator, AmalgamatorConfig, NonFiniteLossError, hookimpl, load_model
+from kamal import (
+    Amalgamator,
+    AmalgamatorConfig,
+    Interrupted,
+    NonFiniteLossError,
+    amalgamate,
+    hookimpl,
+    load_model,
+    train,
+)
 from kamal.checkpoint import load_state
-from kamal.engine import Interrupted
 from kamal.plugins import register_plugin, unregister_plugin
-from kamal.run import amalgamate, train
 from kamal.testing import write_run_config
 
 

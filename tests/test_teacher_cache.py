@@ -8,9 +8,8 @@ import pytest
 import torch
 import yaml
 
-from kamal import ConfigError, load_model
+from kamal import ConfigError, Interrupted, load_model
 from kamal.data.digits import build_digits
-from kamal.engine import Interrupted
 from kamal.run import amalgamate
 from kamal.testing import write_run_config
 

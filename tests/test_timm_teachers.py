@@ -12,7 +12,7 @@ import yaml
 
 from kamal import KamalError, load_model, save_model_repo
 from kamal.config import TeacherRef
-from kamal.run import resolve_teacher
+from kamal.teacher_loading import resolve_teacher
 
 timm = pytest.importorskip("timm")  # the dev extra installs it; users without it get a hint
 

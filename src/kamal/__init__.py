@@ -1,6 +1,7 @@
 """kamal: knowledge amalgamation, merging several teacher networks into one student.
 
-Everything a plugin may import is listed in ``__all__``; other modules are private.
+Everything a plugin may import is listed in ``__all__``, plus the module ``kamal.testing``
+(the conformance kit for plugin tests); other modules are private.
 Attributes load lazily so that ``import kamal`` (and ``kamal --help``) never imports torch.
 """
 
@@ -32,6 +33,7 @@ _EXPORTS = {
     "hookimpl": "kamal.hookspecs",
     "Register": "kamal.hookspecs",
     "get_registry": "kamal.plugins",
+    "plugin_infos": "kamal.plugins",
     # building blocks for algorithms
     "Architecture": "kamal.models.base",
     "KamalModel": "kamal.models.base",
@@ -46,6 +48,8 @@ _EXPORTS = {
     "PairedTransform": "kamal.data.paired",
     "ImageDataset": "kamal.data.base",
     "TensorImageDataset": "kamal.data.base",
+    "build_dataset": "kamal.data.base",
+    "build_batch": "kamal.step",
     "Trainer": "kamal.engine",
     "StepInfo": "kamal.engine",
     # distributed runs (no-ops in one process)
@@ -59,14 +63,15 @@ _EXPORTS = {
     "load_from_hub": "kamal.hub_commands",
     # running
     "amalgamate": "kamal.run",
-    "train": "kamal.run",
-    "evaluate_repo": "kamal.run",
+    "train": "kamal.supervised",
+    "evaluate_repo": "kamal.model_eval",
     # errors
     "KamalError": "kamal.errors",
     "ConfigError": "kamal.errors",
     "ModelRepoError": "kamal.errors",
     "RegistryError": "kamal.errors",
     "NonFiniteLossError": "kamal.errors",
+    "Interrupted": "kamal.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -86,11 +91,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the real names
-    from .data.base import ImageDataset, TensorImageDataset
+    from .data.base import ImageDataset, TensorImageDataset, build_dataset
     from .data.paired import PairedDataset, PairedTransform
     from .distributed import DistributedError, broadcast_object, is_main_process
     from .engine import StepInfo, Trainer
-    from .errors import ConfigError, KamalError, ModelRepoError, NonFiniteLossError, RegistryError
+    from .errors import (
+        ConfigError,
+        Interrupted,
+        KamalError,
+        ModelRepoError,
+        NonFiniteLossError,
+        RegistryError,
+    )
     from .features import FeatureTap
     from .hookspecs import Register, hookimpl
     from .hub_commands import load_from_hub
@@ -107,10 +119,13 @@ if TYPE_CHECKING:  # static analysers see the real names
         Teacher,
     )
     from .merging import LogitMerger
+    from .model_eval import evaluate_repo
     from .models.base import Architecture, KamalModel, merge_tasks
     from .models.segnet import SegNet
-    from .plugins import get_registry
+    from .plugins import get_registry, plugin_infos
     from .repo import load_model, load_teacher, save_model_repo
-    from .run import amalgamate, evaluate_repo, train
+    from .run import amalgamate
+    from .step import build_batch
+    from .supervised import train
     from .tasks.classification import ClassificationTask
     from .tasks.dense import DepthTask, SegmentationTask

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import atomic_save_tensors
 from .errors import ConfigError
-from .repo import atomic_save_tensors
 
 # teacher index -> ({task: output}, {layer: feature}) for a batch of images
 TeacherFn = Callable[[Tensor], tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]]

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_save_tensors
 from .errors import KamalError
-from .repo import atomic_save_tensors
 
 _META_KEY = "kamal_state"
 

@@ -1,4 +1,5 @@
-"""The ``kamal`` command line. Parsing and printing only; the work happens in kamal.run.
+"""The ``kamal`` command line. Parsing and printing only; the work happens in kamal.run,
+kamal.supervised and kamal.model_eval.
 
 Heavy modules (torch) are imported inside commands, so ``kamal --help`` and
 ``kamal list-plugins`` stay fast.
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import KamalError
+from .errors import Interrupted, KamalError
 
 
 class _Group(click.Group):
@@ -26,8 +27,6 @@ class _Group(click.Group):
         except KamalError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            from .engine import Interrupted
-
             if isinstance(exc, Interrupted):
                 if os.environ.get("RANK", "0") == "0":  # torchrun: the main process says it once
                     click.echo(f"kamal: {exc}", err=True)
@@ -102,7 +101,7 @@ def amalgamate(config: str, overrides: tuple[str, ...], output: str | None, resu
 def train(config: str, overrides: tuple[str, ...], output: str | None, resume: bool,
           quiet: bool) -> None:
     """Supervised training of one model (teachers, supervised references)."""
-    from .run import train as run_train
+    from .supervised import train as run_train
 
     _print_report(run_train(config, output, list(overrides), resume, progress=not quiet))
 
@@ -122,7 +121,8 @@ def evaluate(model_dir: str, data: str, options: tuple[str, ...], with_teachers:
     """Metrics of a model repo (or a run folder's student) on labeled data."""
     import yaml
 
-    from .run import evaluate_repo
+    from .model_eval import evaluate_repo
+    from .report import format_table
 
     parsed = {}
     for item in options:
@@ -131,13 +131,7 @@ def evaluate(model_dir: str, data: str, options: tuple[str, ...], with_teachers:
             raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--option")
         parsed[key] = yaml.safe_load(value)
     result = evaluate_repo(model_dir, data, parsed, with_teachers, device)
-    click.echo(json.dumps(result, indent=2) if as_json else _format_eval(result))
-
-
-def _format_eval(result: dict[str, Any]) -> str:
-    from .report import format_table
-
-    return format_table(result)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 @main.command()

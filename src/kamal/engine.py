@@ -35,14 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
 from .config import TrainConfig
-from .errors import KamalError, NonFiniteLossError
+from .errors import Interrupted, KamalError, NonFiniteLossError
 
 StepFn = Callable[[Any, "StepInfo"], dict[str, Tensor]]
 Evaluator = Callable[[], dict[str, dict[str, float]]]
-
-
-class Interrupted(KamalError):
-    """Training stopped by Ctrl-C after saving a resumable checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,12 @@ class Objective:
     task: str
     metric: str
     higher_is_better: bool = True
+
+    @classmethod
+    def of(cls, model: Any) -> Objective:
+        """The primary metric of a model's first task."""
+        task = model.tasks[0]
+        return cls(task.name, task.primary_metric, task.higher_is_better)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,6 +30,10 @@ class NonFiniteLossError(KamalError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class Interrupted(KamalError):
+    """Training stopped by Ctrl-C after saving a resumable checkpoint (``--resume`` continues)."""
+
+
 def did_you_mean(value: str, allowed: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest allowed name, or ``""``."""
     matches = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.6)

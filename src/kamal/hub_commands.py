@@ -70,12 +70,11 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, branch: str |
          token: str | None = None) -> str:
     """Upload a run's student (or any model repo folder) with a fresh model card."""
     from .report import model_card
+    from .run_folder import model_folder
 
     folder = Path(run_dir)
     report_file = folder / "report.json"
-    student = folder / "student" if (folder / "student" / CONFIG_FILE).exists() else folder
-    if not (student / CONFIG_FILE).exists():
-        raise KamalError(f"'{run_dir}' is neither a run folder (with student/) nor a model repo")
+    student = model_folder(folder)
     load_model(student)  # never publish something that does not load
     config = json.loads((student / CONFIG_FILE).read_text())
     report = json.loads(report_file.read_text()) if report_file.exists() else {}

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .data.base import ImageDataset
+from .data.views import image_batches
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .interfaces import Amalgamator, Student, Teacher
 from .merging import LogitMerger
@@ -44,13 +45,11 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         "teachers": [teacher_entry(t, eval_data, device) for t in teachers],
     }
     if eval_data is not None:
-        from .run import _images
-
         for mode in ("standardize", "naive"):
             merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
-            merger.calibrate(teachers, _images(eval_data), device)
+            merger.calibrate(teachers, image_batches(eval_data), device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"

@@ -36,7 +36,7 @@ def make_tiny_teachers(folder: str | Path | None = None, same_architecture: bool
     Takes a few seconds on a CPU; results are cached per process and folder (without a
     folder: in one temporary folder per process, shared by all checks).
     """
-    from .run import train
+    from .supervised import train
 
     if folder is None:
         if not _SHARED_DIR:
@@ -130,13 +130,12 @@ def _check_config(cls: type) -> Any:
 def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path,
                   student_config: dict[str, Any]) -> None:
     import torch
-    from torch.utils.data import DataLoader
 
     from .data.digits import build_digits
-    from .engine import StepInfo
+    from .data.views import image_batches
     from .interfaces import StudentSpec
     from .repo import load_teacher
-    from .run import AmalgamationStep, UnlabeledView
+    from .step import build_batch
 
     loaded = [load_teacher(p.parent.name, p) for p in teachers]
     cls.check_teachers(loaded)
@@ -145,9 +144,9 @@ def _check_losses(cls: type, config: Any, teachers: list[Path], workdir: Path,
                                            student_config.get("task_names") or {}))
     student = algo.build_student()
     transfer = build_digits("transfer", size=8)
-    images = next(iter(DataLoader(UnlabeledView(transfer), batch_size=32)))
+    images = next(image_batches(transfer, batch_size=32))
     algo.setup(student, [images])
-    losses = AmalgamationStep(loaded, student, algo)(images, StepInfo("check", 0, 0))
+    losses = algo.losses(build_batch(algo, images))
     if not isinstance(losses, dict) or not losses:
         raise ConformanceError(f"{cls.__name__}.losses must return a non-empty dict of tensors")
     for name, value in losses.items():
@@ -230,7 +229,7 @@ def check_amalgamator(cls: type, workdir: str | Path,
 def _check_resume(path: Path, workdir: Path, finished: Any) -> None:
     import torch
 
-    from .engine import Interrupted
+    from .errors import Interrupted
     from .repo import load_model
     from .run import amalgamate
 

@@ -62,7 +62,7 @@ def test_short_run_prunes_to_budget_and_saves_a_loadable_student(quick_config, w
 
 
 def test_resume_after_a_pruning_round_matches_an_uninterrupted_run(quick_config, workdir) -> None:
-    from kamal.engine import Interrupted
+    from kamal import Interrupted
 
     finished = workdir / "run"
     if not (finished / "student").exists():

@@ -168,7 +168,7 @@ def _distance_to_teachers(student, teachers: dict[str, Path]) -> tuple[float, fl
 
 
 def test_short_sbm_run_improves_over_the_untrained_student(teachers, tmp_path):
-    from kamal.engine import Interrupted
+    from kamal import Interrupted
 
     path = _run_config(tmp_path, teachers, init="scratch")
     report = kamal.amalgamate(path, tmp_path / "run", progress=False)

@@ -1,0 +1,69 @@
+"""Views of an :class:`ImageDataset` as the run path consumes it.
+
+Amalgamation never reads labels: the engine trains on :class:`UnlabeledView` (or on
+:class:`IndexedView` when teacher outputs come from the cache, whose rows are found by
+sample index); algorithms calibrate on :func:`image_batches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, RegistryError
+from .base import ImageDataset, build_dataset
+
+if TYPE_CHECKING:
+    from ..config import DataRef
+    from ..interfaces import InputSpec
+
+
+class UnlabeledView(Dataset):
+    """The images of a dataset without its labels."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.dataset[index][0]
+
+
+class IndexedView(Dataset):
+    """``(index, image)`` pairs: the index finds a sample's cached teacher outputs."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        return index, self.dataset[index][0]
+
+
+def image_batches(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
+    """The dataset's images in order, in batches, without labels."""
+    yield from DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False)
+
+
+def dataset_from_ref(ref: DataRef, key: str) -> ImageDataset:
+    """Build the dataset a config section names; errors carry the config path ``key``."""
+    try:
+        return build_dataset(ref.dataset, ref.split, ref.options, key=key)
+    except RegistryError as exc:
+        raise ConfigError(f"{key}.dataset: {exc}") from None
+
+
+def check_data_matches(dataset: ImageDataset, spec: InputSpec, key: str) -> None:
+    """The images must have the channels and size the models expect."""
+    got = (dataset.channels, *dataset.size)
+    want = (spec.channels, *spec.size)
+    if tuple(got) != tuple(want):
+        raise ConfigError(f"{key}: images are {got[0]}x{got[1]}x{got[2]} but the models expect "
+                          f"{want[0]}x{want[1]}x{want[2]}; set {key}.size (or use matching data)")

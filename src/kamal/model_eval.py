@@ -1,0 +1,52 @@
+"""``kamal evaluate``: metrics of a model repo or a run's model, optionally beside the
+teachers it was amalgamated from and their calibrated ensemble."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import report as reporting
+from .config import TeacherRef
+from .data.base import build_dataset
+from .data.views import check_data_matches, image_batches
+from .engine import resolve_device
+from .errors import KamalError
+from .evaluation import evaluate
+from .merging import LogitMerger
+from .repo import load_model
+from .run_folder import model_folder
+from .teacher_loading import resolve_teacher
+
+
+def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | None = None,
+                  with_teachers: bool = False, device_name: str = "auto") -> dict[str, Any]:
+    """Metrics of a model repo (or a run folder's model) on ``data`` (``DATASET[:SPLIT]``),
+    optionally beside its recorded teachers and their ensemble."""
+    folder = model_folder(model_dir)
+    device = resolve_device(device_name)
+    model = load_model(folder).to(device).eval()
+    name, _, split = data.rpartition(":") if ":" in data else (data, "", "")
+    if not name:
+        name, split = data, ""
+    dataset = build_dataset(name, split or None, options, key="--data")
+    check_data_matches(dataset, model.input_spec, "--data")
+    result: dict[str, Any] = {"model": reporting.model_entry(model, dataset, device, str(folder))}
+    if with_teachers:
+        config = json.loads((folder / "config.json").read_text())
+        recorded = (config.get("amalgamation") or {}).get("teachers") or []
+        if not recorded:
+            raise KamalError(f"{folder} records no teachers (it was not made by kamal amalgamate)")
+        teachers = []
+        for i, entry in enumerate(recorded):
+            ref = TeacherRef(name=entry["name"], path=entry.get("path"), hub=entry.get("hub"),
+                             revision=entry.get("revision"))
+            teachers.append(resolve_teacher(ref, Path.cwd(), i).to(device))
+        result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
+        merger = LogitMerger(teachers, model.tasks)
+        if merger.targets:  # classification tasks only; dense teachers are listed alone
+            merger.calibrate(teachers, image_batches(dataset), device)
+            result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
+                                                      merger.targets, dataset, device)}
+    return result

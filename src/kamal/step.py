@@ -1,0 +1,115 @@
+"""The per-batch amalgamation step and the teacher-output cache that can feed it.
+
+One step: the frozen teachers' outputs and tapped features (computed by the
+:class:`~kamal.teachers.TeacherRunner`, or read from the :class:`~kamal.cache.TeacherCache`),
+then the student's forward with its own taps, then the amalgamator's losses on the
+resulting :class:`~kamal.interfaces.Batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed
+from .cache import TeacherCache, choose_mode, fingerprint
+from .config import RunConfig
+from .data.base import ImageDataset
+from .data.views import UnlabeledView
+from .engine import StepInfo
+from .errors import KamalError
+from .features import FeatureTap
+from .interfaces import Amalgamator, Batch, Student, Teacher
+from .teachers import Switch, TeacherOutputs, TeacherRunner
+
+
+@dataclass
+class AmalgamationStep:
+    """One training step of an amalgamation: frozen teachers, then the student, then losses.
+
+    With a :class:`~kamal.cache.TeacherCache`, batches are ``(indices, images)`` and the
+    teachers are not run at all: their outputs come from the cache. ``batch_teachers`` and
+    ``teacher_channels_last`` (``train.`` fields of the same names) choose how the teachers
+    run (:class:`~kamal.teachers.TeacherRunner`).
+    """
+
+    teachers: list[Teacher]
+    student: Student
+    amalgamator: Amalgamator
+    cache: TeacherCache | None = None
+    batch_teachers: Switch = "auto"
+    teacher_channels_last: Switch = "auto"
+
+    def __post_init__(self) -> None:
+        request = self.amalgamator.feature_layers()
+        self.teacher_layers = request.teachers or [[] for _ in self.teachers]
+        self.student_layers = request.student
+        self.runner = TeacherRunner(self.teachers, self.teacher_layers, self.batch_teachers,
+                                    self.teacher_channels_last)
+
+    def run_teachers(self, images: Tensor) -> TeacherOutputs:
+        """Outputs and requested features of every teacher for ``images`` (no grad)."""
+        return self.runner(images)
+
+    def batch(self, data: Any, info: StepInfo | None = None) -> Batch:
+        """The :class:`~kamal.interfaces.Batch` for one loader item (images, or
+        ``(indices, images)`` when the cache is on)."""
+        if self.cache is not None:
+            indices, images = data
+            teacher_outputs, teacher_features = self.cache.lookup(indices, images.device)
+        else:
+            images = data
+            teacher_outputs, teacher_features = self.run_teachers(images)
+        with FeatureTap(self.student.features, self.student_layers, "student") as tap:
+            student_outputs = self.student(images)
+        info = info or StepInfo("main", 0, 0)
+        return Batch(images, teacher_outputs, student_outputs, teacher_features, tap.features,
+                     epoch=info.epoch, step=info.step)
+
+    def __call__(self, data: Any, info: StepInfo) -> dict[str, Tensor]:
+        return self.amalgamator.losses(self.batch(data, info))
+
+
+def build_batch(amalgamator: Amalgamator, images: Tensor, info: StepInfo | None = None) -> Batch:
+    """The :class:`~kamal.interfaces.Batch` the engine would give ``amalgamator.losses`` for
+    ``images``: its teachers and its (set-up) student run with the layers it requests tapped.
+    For tests and notebooks; the engine builds batches the same way."""
+    if amalgamator.student is None:
+        raise KamalError("build_batch: call amalgamator.setup(student, images) first")
+    step = AmalgamationStep(amalgamator.teachers, amalgamator.student, amalgamator)
+    return step.batch(images, info)
+
+
+def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: RunConfig,
+                        out: Path, device: torch.device, local: Dataset) -> TeacherCache | None:
+    """The teacher-output cache the config asks for (``auto``: by size and augmentation).
+
+    ``local`` is this process's shard of ``transfer``: each process caches only its own.
+    """
+    requested = cfg.train.teacher_cache
+    if requested == "off":
+        return None
+    probe = next(iter(DataLoader(UnlabeledView(local), batch_size=8))).to(device)
+    outputs, features = step.run_teachers(probe)
+    per_sample = sum(v.numel() * v.element_size() for d in (*outputs, *features)
+                     for v in d.values()) / len(probe)
+    estimate = int(per_sample * len(local))  # type: ignore[arg-type]
+    mode = choose_mode(requested, transfer.augmented, estimate,
+                       int(cfg.train.teacher_cache_budget_mb * 2**20))
+    if mode == "off":
+        return None
+    folder, shard = out / "teacher_cache", ""
+    if distributed.world_size() > 1:
+        folder = folder / f"process{distributed.rank()}"
+        shard = f"shard {distributed.rank()}/{distributed.world_size()} seed {cfg.train.seed}"
+    cache = TeacherCache(mode, folder)
+    key = fingerprint(step.teachers, step.teacher_layers, local,
+                      cfg.data.transfer.model_dump_json() + shard)
+    cache.build(UnlabeledView(local), lambda x: step.run_teachers(x.to(device)),
+                cfg.train.batch_size, key)
+    return cache
