@@ -40,6 +40,8 @@ _EXPORTS = {
     "merge_tasks": "kamal.models.base",
     "FeatureTap": "kamal.features",
     "LogitMerger": "kamal.merging",
+    "KDTerm": "kamal.distillation",
+    "KDTermConfig": "kamal.distillation",
     "ClassificationTask": "kamal.tasks.classification",
     "SegmentationTask": "kamal.tasks.dense",
     "DepthTask": "kamal.tasks.dense",
@@ -93,6 +95,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the real names
     from .data.base import ImageDataset, TensorImageDataset, build_dataset
     from .data.paired import PairedDataset, PairedTransform
+    from .distillation import KDTerm, KDTermConfig
     from .distributed import DistributedError, broadcast_object, is_main_process
     from .engine import StepInfo, Trainer
     from .errors import (

@@ -292,11 +292,6 @@ def load_config(model: type[BaseModel], path: str | Path, overrides: list[str] |
     return validate(model, data), Path(path).resolve().parent
 
 
-def config_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """JSON schema of a config model (for the docs)."""
-    return model.model_json_schema()
-
-
 def reference_markdown(model: type[BaseModel], title: str) -> str:
     """A Markdown table of every key of ``model`` (nested sections flattened to key paths)."""
     rows: list[str] = []

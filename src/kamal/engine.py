@@ -23,14 +23,14 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
@@ -145,7 +145,8 @@ class Trainer:
         # for tests: behave as if Ctrl-C arrived after this many steps of this session
         self.interrupt_after_steps = interrupt_after_steps
         self._session_steps = 0
-        self.dataset = dataset
+        self.samples = dataset  # every training sample; ``dataset`` is what fit() trains on
+        self.dataset: Dataset = dataset
         self.step_fn = step_fn
         self.cfg = cfg
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -186,6 +187,33 @@ class Trainer:
     def best_path(self) -> Path:
         """``checkpoints/best.safetensors`` (by the objective on eval data)."""
         return self.checkpoint_dir / "best.safetensors"
+
+    @property
+    def num_samples(self) -> int:
+        """Number of training samples (held-out ones included)."""
+        return len(self.samples)  # type: ignore[arg-type]
+
+    def hold_out(self, indices: Sequence[int]) -> None:
+        """Train only on the samples not in ``indices`` from the next :meth:`fit` on.
+
+        Indices are positions in the whole training data (``0 .. num_samples - 1``); the
+        held-out samples stay reachable through :meth:`images` (e.g. to choose between
+        candidates on images the student never trained on).
+        """
+        held = set(indices)
+        self.dataset = Subset(self.samples, [i for i in range(self.num_samples) if i not in held])
+
+    def images(self, indices: Sequence[int], seed: int | None = None) -> Tensor:
+        """The images of samples ``indices`` stacked on the CPU. With ``seed``, any random
+        augmentation is drawn from that seed, leaving the training random state untouched."""
+        def image(index: int) -> Tensor:
+            fetch = getattr(self.samples, "image", None)  # views whose items are not images
+            return fetch(index) if fetch is not None else self.samples[index][0]
+
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return torch.stack([image(i) for i in indices])
 
     def fit(self, stage: str = "main", epochs: int | None = None,
             parameters: Iterable[nn.Parameter] | None = None, lr: float | None = None) -> None:
@@ -423,13 +451,6 @@ class Trainer:
             if name not in weights:
                 raise KamalError(f"checkpoint has no state for '{name}'; it belongs to another run")
             module.load_state_dict(weights[name])
-
-    def load_best(self) -> bool:
-        """Load the best checkpoint's weights, if there is one."""
-        if not self.best_path.exists():
-            return False
-        self.load_modules(load_state(self.best_path)["modules"])
-        return True
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_main:

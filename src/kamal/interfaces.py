@@ -185,8 +185,9 @@ class Teacher:
         self.model.to(device)
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # as the TeacherRunner: outputs may enter autograd later without a copy
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
+        """The frozen teacher's outputs, ``{task_name: output}``; no gradient is recorded."""
         return self.model(images)
 
     def num_parameters(self) -> int:

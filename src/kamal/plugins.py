@@ -6,7 +6,7 @@ imports torch by itself. Environment switches, as in llm/datasette/pytest:
 
 ``KAMAL_LOAD_PLUGINS``     comma list of entry-point names to load (empty: none)
 ``KAMAL_DISABLE_PLUGINS``  comma list of entry-point names to skip
-``KAMAL_TRACE_PLUGINS``    print every hook call (pluggy tracing)
+``KAMAL_TRACE_PLUGINS``    print every name each plugin registers, with its target, to stderr
 ``KAMAL_STRICT_PLUGINS``   raise on a broken plugin or a name clash instead of recording it
 """
 
@@ -22,7 +22,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import RegistryError
-from .registry import KINDS, Registry
+from .registry import KIND_NOUNS, KINDS, Registry
 
 ENTRY_POINT_GROUP = "kamal"
 DEFAULT_PLUGINS = ("kamal.builtins",)
@@ -106,6 +106,7 @@ def _load_entry_points(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -
 
 def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Registry:
     registry = Registry()
+    trace = os.environ.get("KAMAL_TRACE_PLUGINS", "") not in ("", "0")
     for kind in KINDS:
         caller = getattr(pm.hook, f"register_{kind}")
         for impl in caller.get_hookimpls():
@@ -113,6 +114,10 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
             info.hooks.append(f"register_{kind}")
 
             def register(name: str, target: Any, _info: PluginInfo = info, _kind: str = kind) -> None:
+                if trace:
+                    print(f"kamal: {_info.name} ({_info.distribution}) registers {KIND_NOUNS[_kind]} "
+                          f"'{name}' -> {target if isinstance(target, str) else repr(target)}",
+                          file=sys.stderr)
                 registry.add(_kind, name, target, _info.name, _info.distribution)
                 _info.provides.setdefault(_kind, []).append(name)
 
@@ -124,7 +129,7 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
         for entry in registry.entries(kind).values():
             if entry.clashes:
                 owners = [entry.distribution, *entry.clashes]
-                message = f"{kind[:-1]} '{entry.name}' is registered by {' and '.join(owners)}"
+                message = f"{KIND_NOUNS[kind]} '{entry.name}' is registered by {' and '.join(owners)}"
                 for info in infos.values():
                     if info.distribution in owners and info.error is None:
                         _record_failure(info, message)
@@ -134,9 +139,6 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
 def _load() -> None:
     pm = pluggy.PluginManager("kamal")
     pm.add_hookspecs(hookspecs)
-    if os.environ.get("KAMAL_TRACE_PLUGINS"):
-        pm.trace.root.setwriter(lambda *a: print(*a, file=sys.stderr, end=""))
-        pm.enable_tracing()
     infos: dict[str, PluginInfo] = {}
     import importlib
 
@@ -182,8 +184,3 @@ def unregister_plugin(name: str) -> None:
     for info in _State.infos.values():
         info.hooks, info.provides, info.error = [], {}, None
     _State.registry = _fill_registry(_State.pm, _State.infos)
-
-
-def reset() -> None:
-    """Forget loaded plugins so the next :func:`get_registry` rediscovers them."""
-    _State.pm, _State.registry, _State.infos = None, None, {}

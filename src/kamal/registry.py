@@ -13,13 +13,14 @@ from typing import Any
 
 from .errors import RegistryError, did_you_mean
 
-KINDS = ("amalgamators", "tasks", "architectures", "datasets")
-_KIND_SINGULAR = {
+# registry kind (hook ``register_<kind>``) -> what one entry is called in messages
+KIND_NOUNS = {
     "amalgamators": "algorithm",
     "tasks": "task kind",
     "architectures": "architecture",
     "datasets": "dataset",
 }
+KINDS = tuple(KIND_NOUNS)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Entry:
         if self.clashes:
             owners = ", ".join([self.distribution, *self.clashes])
             raise RegistryError(
-                f"{_KIND_SINGULAR[self.kind]} '{self.name}' is registered by several "
+                f"{KIND_NOUNS[self.kind]} '{self.name}' is registered by several "
                 f"distributions ({owners}); uninstall all but one of them."
             )
         if isinstance(self.target, str):
@@ -49,7 +50,7 @@ class Entry:
                     obj = getattr(obj, part)
             except Exception as exc:  # a plugin's import error must name the plugin
                 raise RegistryError(
-                    f"{_KIND_SINGULAR[self.kind]} '{self.name}' from {self.distribution} failed "
+                    f"{KIND_NOUNS[self.kind]} '{self.name}' from {self.distribution} failed "
                     f"to load ({self.target}): {type(exc).__name__}: {exc}"
                 ) from exc
             self.target = obj
@@ -65,7 +66,8 @@ class Registry:
     def add(self, kind: str, name: str, target: Any, plugin: str, distribution: str) -> None:
         """Record ``name``; a second distribution registering it is recorded as a clash."""
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"plugin {plugin} registered a {kind} with an invalid name {name!r}")
+            raise RegistryError(f"plugin {plugin} registered an {KIND_NOUNS[kind]} with an invalid "
+                                f"name {name!r}")
         existing = self._entries[kind].get(name)
         if existing is None:
             self._entries[kind][name] = Entry(kind, name, target, plugin, distribution)
@@ -89,7 +91,7 @@ class Registry:
         except KeyError:
             allowed = self.names(kind)
             message = (
-                f"unknown {_KIND_SINGULAR[kind]} '{name}'.{did_you_mean(name, allowed)} "
+                f"unknown {KIND_NOUNS[kind]} '{name}'.{did_you_mean(name, allowed)} "
                 f"Installed: {', '.join(allowed) or 'none'}."
             )
             if kind == "amalgamators":

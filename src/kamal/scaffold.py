@@ -71,14 +71,16 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kamal import Amalgamator, AmalgamatorConfig, Batch, FeatureRequest, LogitMerger, Student
+from kamal import Amalgamator, Batch, FeatureRequest, KDTerm, KDTermConfig, Student
 
 
-class {cls}Config(AmalgamatorConfig):
-    """Hyperparameters of {name}; every field needs a default and a description."""
+class {cls}Config(KDTermConfig):
+    """Hyperparameters of {name}; every field needs a default and a description.
+
+    KDTermConfig brings kamal's shared KD term: temperature, merge, kd_weight.
+    """
 
     name: Literal["{name}"] = "{name}"
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD loss.")
     feature_weight: float = Field(0.0, ge=0, description="Weight of the feature-matching loss "
                                   "(0 disables it).")
 
@@ -99,24 +101,21 @@ class {cls}(Amalgamator):
     def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
         super().setup(student, transfer_images)
         device = next(student.parameters()).device
-        self.merger = LogitMerger(self.teachers, student.tasks)
-        self.merger.calibrate(self.teachers, transfer_images, device)
+        self.kd = KDTerm(self.config, self.teachers, student.tasks)
+        self.kd.calibrate(self.teachers, transfer_images, device)
         self.projection = None
         if self.config.feature_weight:
             # lazily sized on the first batch: teacher features -> student feature width
             self.projection = nn.LazyLinear(1).to(device)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        modules: dict[str, nn.Module] = {{"merger": self.merger}}
+        modules: dict[str, nn.Module] = {{"merger": self.kd.merger}}
         if self.projection is not None:
             modules["projection"] = self.projection
         return modules
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        merged = self.merger(batch.teacher_outputs)
-        losses = {{f"kd/{{task.name}}": task.distill_loss(batch.student_outputs[task.name],
-                                                      merged[task.name], self.config.temperature)
-                  for task in self.student.tasks if task.name in merged}}
+        losses = self.kd(batch)
         if self.projection is not None:
             (student_feature,) = batch.student_features.values()
             teacher_feature = torch.cat([next(iter(f.values())).flatten(1)

@@ -13,8 +13,7 @@ from kamal_plugin_cfl.config import CFLConfig
 from kamal_plugin_cfl.losses import mmd_rbf
 
 import kamal
-from kamal import Batch, FeatureTap, StudentSpec, get_registry, load_teacher
-from kamal.plugins import plugin_infos
+from kamal import Batch, StudentSpec, build_batch, get_registry, load_teacher, plugin_infos
 
 DIGITS = Path(__file__).resolve().parents[3] / "examples" / "digits"
 needs_examples = pytest.mark.skipif(not (DIGITS / "cfl.yaml").exists(),
@@ -94,15 +93,7 @@ def _amalgamator(images: torch.Tensor, **options) -> CFLAmalgamator:
 
 def _batch(algo: CFLAmalgamator, images: torch.Tensor) -> Batch:
     """What the engine hands to ``losses``: frozen teachers first, then the student."""
-    request = algo.feature_layers()
-    outputs, features = [], []
-    for teacher, layers in zip(algo.teachers, request.teachers, strict=True):
-        with FeatureTap(teacher.model.features, layers) as tap:
-            outputs.append({k: v.clone() for k, v in teacher(images).items()})
-        features.append({k: v.clone() for k, v in tap.features.items()})
-    with FeatureTap(algo.student.features, request.student) as tap:
-        student_outputs = algo.student(images)
-    return Batch(images, outputs, student_outputs, features, tap.features)
+    return build_batch(algo, images)
 
 
 @needs_examples

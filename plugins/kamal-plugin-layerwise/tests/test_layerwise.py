@@ -14,7 +14,7 @@ from kamal_plugin_layerwise.algorithm import LayerwiseAmalgamator, LayerwiseConf
 from kamal_plugin_layerwise.blocks import AmalBlock
 
 import kamal
-from kamal import Batch, FeatureTap, KamalError, StudentSpec
+from kamal import Batch, KamalError, StudentSpec, build_batch
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "digits" / "layerwise.yaml"
@@ -55,16 +55,8 @@ def _amalgamator(teachers, images, **config) -> LayerwiseAmalgamator:
 
 
 def _batch(algo: LayerwiseAmalgamator, images: torch.Tensor) -> Batch:
-    """What the engine's step hands to ``losses`` (teachers frozen, student with grad)."""
-    request = algo.feature_layers()
-    outputs, features = [], []
-    for teacher, layers in zip(algo.teachers, request.teachers, strict=True):
-        with FeatureTap(teacher.model.features, layers) as tap:
-            outputs.append({k: v.clone() for k, v in teacher(images).items()})
-        features.append({k: v.clone() for k, v in tap.features.items()})
-    with FeatureTap(algo.student.features, request.student) as tap:
-        student_outputs = algo.student(images)
-    return Batch(images, outputs, student_outputs, features, tap.features)
+    """What the engine hands to ``losses``: frozen teachers first, then the student."""
+    return build_batch(algo, images)
 
 
 # --- blocks ---------------------------------------------------------------------------
@@ -241,7 +233,7 @@ def test_joint_run_end_to_end(tmp_path):
 
 
 def test_installed_distribution_is_discovered():
-    from kamal.plugins import plugin_infos
+    from kamal import plugin_infos
 
     infos = [i for i in plugin_infos() if i.distribution == "kamal-plugin-layerwise"]
     assert infos, "pip install plugins/kamal-plugin-layerwise first"

@@ -35,7 +35,7 @@ def quick_config(workdir: Path) -> Path:
 
 
 def test_installed_distribution_is_discovered() -> None:
-    from kamal.plugins import plugin_infos
+    from kamal import plugin_infos
 
     info = next(i for i in plugin_infos() if i.distribution == "kamal-plugin-recombination")
     assert info.status == "ok", info.error

@@ -26,7 +26,7 @@ CLASSES = ["wall", "floor", "circle", "square", "triangle"]
 
 
 def test_plugin_is_installed():
-    from kamal.plugins import plugin_infos
+    from kamal import plugin_infos
 
     info = next((i for i in plugin_infos() if i.distribution == "kamal-plugin-sbm"), None)
     assert info is not None, "pip install ./plugins/kamal-plugin-sbm first"
@@ -154,9 +154,7 @@ def test_teachers_and_student_that_sbm_refuses(teachers, tmp_path):
 
 def _distance_to_teachers(student, teachers: dict[str, Path]) -> tuple[float, float]:
     """Pixel-wise KL to the segmentation teacher and L1 to the depth teacher on test scenes."""
-    from kamal.data.scenes import build_scenes
-
-    x = build_scenes("test", size=SIZE, count=32).images.float() / 255
+    x = kamal.build_dataset("scenes", "test", {"size": SIZE, "count": 32}).images.float() / 255
     seg, depth = (load_teacher(k, p).model for k, p in teachers.items())
     student.eval()
     with torch.no_grad():

@@ -3,6 +3,7 @@
 Hinton et al., "Distilling the Knowledge in a Neural Network" (2015), applied to several
 teachers: their logits are merged into the student's label space (see
 :mod:`kamal.merging`) and the student matches the merged distribution at temperature T.
+The term itself (:class:`~kamal.distillation.KDTerm`) is shared with the other algorithms.
 """
 
 from __future__ import annotations
@@ -10,25 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import Field
 from torch import Tensor, nn
 
-from ..interfaces import Amalgamator, AmalgamatorConfig, Batch, Student
-from ..merging import LogitMerger
+from ..distillation import KDTerm, KDTermConfig
+from ..interfaces import Amalgamator, Batch, Student
 
 
-class KDConfig(AmalgamatorConfig):
-    """Hyperparameters of ``kd``."""
+class KDConfig(KDTermConfig):
+    """Hyperparameters of ``kd``: the shared KD term's."""
 
     name: Literal["kd"] = "kd"
-    temperature: float = Field(
-        1.0, gt=0, description="Softmax temperature T of the KL loss. A higher T flattens the "
-        "teachers' relative weights in the merged distribution (digits: T=4 86.5%, T=1 90.9%).")
-    merge: Literal["standardize", "naive"] = Field(
-        "standardize", description="How teacher logits are merged: 'standardize' weighs each "
-        "teacher by its confidence z-scored on the transfer data (see kamal.merging); 'naive' "
-        "concatenates raw logits as KamalEngine did.")
-    weight: float = Field(1.0, gt=0, description="Weight of the KD loss.")
 
 
 class KDAmalgamator(Amalgamator):
@@ -40,15 +32,11 @@ class KDAmalgamator(Amalgamator):
 
     def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
         super().setup(student, transfer_images)
-        self.merger = LogitMerger(self.teachers, student.tasks, self.config.merge)
-        self.merger.calibrate(self.teachers, transfer_images, next(student.parameters()).device)
+        self.kd = KDTerm(self.config, self.teachers, student.tasks)
+        self.kd.calibrate(self.teachers, transfer_images, next(student.parameters()).device)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"merger": self.merger}
+        return {"merger": self.kd.merger}
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        assert self.student is not None
-        merged = self.merger(batch.teacher_outputs)
-        return {f"kd/{task.name}": self.config.weight * task.distill_loss(
-                    batch.student_outputs[task.name], merged[task.name], self.config.temperature)
-                for task in self.student.tasks if task.name in merged}
+        return self.kd(batch)

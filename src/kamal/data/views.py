@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from ..interfaces import InputSpec
 
 
-class UnlabeledView(Dataset):
-    """The images of a dataset without its labels."""
+class SampleView(Dataset):
+    """A dataset of ``(image, label)`` items seen another way; :meth:`image` gives sample
+    ``index``'s image whatever the view's items are (the Trainer fetches images by it)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -30,21 +31,23 @@ class UnlabeledView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Tensor:
+    def image(self, index: int) -> Tensor:
+        """The image of sample ``index``."""
         return self.dataset[index][0]
 
 
-class IndexedView(Dataset):
+class UnlabeledView(SampleView):
+    """The images of a dataset without its labels."""
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.image(index)
+
+
+class IndexedView(SampleView):
     """``(index, image)`` pairs: the index finds a sample's cached teacher outputs."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
     def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        return index, self.dataset[index][0]
+        return index, self.image(index)
 
 
 def image_batches(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:

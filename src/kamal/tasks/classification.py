@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ModelRepoError
+from ..errors import KamalError, ModelRepoError
 from ..interfaces import Meter, Task
 
 
@@ -41,7 +41,11 @@ class AccuracyMeter(Meter):
 
 
 class NamedClassesTask(Task):
-    """A task whose outputs are scores of distinct, named ``classes`` (one output each)."""
+    """A task whose outputs are scores of distinct, named ``classes`` (one channel each, dim 1).
+
+    Shared by classification and segmentation: teachers' tasks merge by the union of their
+    class names, and a teacher's outputs are placed at the merged task's channels.
+    """
 
     def __init__(self, name: str, classes: Sequence[str]) -> None:
         super().__init__(name)
@@ -58,16 +62,53 @@ class NamedClassesTask(Task):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "classes": list(self.classes)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        if "classes" not in data:
+            raise ModelRepoError(f"{cls.kind} task {data.get('name')!r} needs 'classes'")
+        return cls(data["name"], data["classes"])
+
+    @classmethod
+    def merge(cls, tasks: Sequence[Task], name: str) -> Self:
+        """Union of class names, in order of first appearance."""
+        classes: list[str] = []
+        for task in tasks:
+            if not isinstance(task, cls):
+                raise KamalError(f"cannot merge {task.kind} task '{task.name}' into {cls.kind}")
+            classes += [c for c in task.classes if c not in classes]
+        return cls(name, classes)
+
+    def positions(self, teacher_task: NamedClassesTask) -> list[int]:
+        """Index in this task of each of ``teacher_task``'s classes."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        try:
+            return [index[c] for c in teacher_task.classes]
+        except KeyError as exc:
+            raise ModelRepoError(f"class {exc} of task '{teacher_task.name}' is not in "
+                                 f"task '{self.name}'") from None
+
+    def embed(self, teacher_task: Task, output: Tensor) -> Tensor:
+        """Teacher outputs (N, C_teacher, ...) placed at the merged channels; the classes the
+        teacher does not know are ``-inf``."""
+        if not isinstance(teacher_task, type(self)):
+            raise KamalError(f"cannot embed {teacher_task.kind} outputs into {self.kind}")
+        out = output.new_full((output.shape[0], self.num_outputs, *output.shape[2:]),
+                              float("-inf"))
+        out[:, self.positions(teacher_task)] = output
+        return out
+
+    def label_lookup(self, dataset_classes: Sequence[str], missing: int = -1) -> Tensor:
+        """Dataset label index -> this task's index (``missing`` for classes it lacks), with
+        one trailing ``missing`` entry for out-of-range labels."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return torch.tensor([index.get(str(c), missing) for c in dataset_classes] + [missing])
+
 
 class ClassificationTask(NamedClassesTask):
     """Predict one of ``classes`` (named, so teachers with overlapping classes can merge)."""
 
     kind = "classification"
     primary_metric = "top1"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassificationTask:
-        return cls(data["name"], data["classes"])
 
     def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
         """Hinton's KL(teacher || student) at ``temperature``, scaled by T^2."""
@@ -82,34 +123,9 @@ class ClassificationTask(NamedClassesTask):
     def new_meter(self) -> AccuracyMeter:
         return AccuracyMeter(self.num_outputs)
 
-    @classmethod
-    def merge(cls, tasks: Sequence[Task], name: str) -> ClassificationTask:
-        """Union of class names, in order of first appearance."""
-        classes: list[str] = []
-        for task in tasks:
-            assert isinstance(task, ClassificationTask)
-            classes += [c for c in task.classes if c not in classes]
-        return cls(name, classes)
-
-    def positions(self, teacher_task: ClassificationTask) -> list[int]:
-        """Index in this task of each of ``teacher_task``'s classes."""
-        index = {c: i for i, c in enumerate(self.classes)}
-        try:
-            return [index[c] for c in teacher_task.classes]
-        except KeyError as exc:
-            raise ModelRepoError(f"class {exc} of task '{teacher_task.name}' is not in "
-                                 f"task '{self.name}'") from None
-
-    def embed(self, teacher_task: Task, output: Tensor) -> Tensor:
-        assert isinstance(teacher_task, ClassificationTask)
-        out = output.new_full((output.shape[0], self.num_outputs), float("-inf"))
-        out[:, self.positions(teacher_task)] = output
-        return out
-
     def map_targets(self, dataset_classes: Sequence[str] | None, targets: Tensor) -> Tensor:
         """Dataset label indices -> this task's indices; classes outside the task become -1."""
         if dataset_classes is None:
             return targets
-        index = {c: i for i, c in enumerate(self.classes)}
-        lookup = torch.tensor([index.get(str(c), -1) for c in dataset_classes] + [-1])
-        return lookup[targets.clamp(min=-1)]  # -1 (unlabeled) maps to the trailing -1
+        # -1 (unlabeled) maps to the trailing -1
+        return self.label_lookup(dataset_classes)[targets.clamp(min=-1)]

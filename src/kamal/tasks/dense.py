@@ -98,12 +98,6 @@ class SegmentationTask(NamedClassesTask):
     kind = "segmentation"
     primary_metric = "miou"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegmentationTask:
-        if "classes" not in data:
-            raise ModelRepoError(f"segmentation task {data.get('name')!r} needs 'classes'")
-        return cls(data["name"], data["classes"])
-
     def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float = 1.0,
                      mask: Tensor | None = None) -> Tensor:
         """Pixel-wise KL(teacher || student) at ``temperature``, scaled by T^2."""
@@ -120,41 +114,12 @@ class SegmentationTask(NamedClassesTask):
     def new_meter(self) -> SegmentationMeter:
         return SegmentationMeter(self.num_outputs)
 
-    @classmethod
-    def merge(cls, tasks: Sequence[Task], name: str) -> SegmentationTask:
-        """Union of class names, in order of first appearance."""
-        classes: list[str] = []
-        for task in tasks:
-            if not isinstance(task, SegmentationTask):
-                raise KamalError(f"cannot merge {task.kind} task '{task.name}' into segmentation")
-            classes += [c for c in task.classes if c not in classes]
-        return cls(name, classes)
-
-    def positions(self, teacher_task: SegmentationTask) -> list[int]:
-        """Channel in this task of each of ``teacher_task``'s classes."""
-        index = {c: i for i, c in enumerate(self.classes)}
-        try:
-            return [index[c] for c in teacher_task.classes]
-        except KeyError as exc:
-            raise ModelRepoError(f"class {exc} of task '{teacher_task.name}' is not in "
-                                 f"task '{self.name}'") from None
-
-    def embed(self, teacher_task: Task, output: Tensor) -> Tensor:
-        """Teacher logit maps placed at the merged channels; unknown classes are ``-inf``."""
-        if not isinstance(teacher_task, SegmentationTask):
-            raise KamalError(f"cannot embed {teacher_task.kind} outputs into segmentation")
-        out = output.new_full((output.shape[0], self.num_outputs, *output.shape[2:]),
-                              float("-inf"))
-        out[:, self.positions(teacher_task)] = output
-        return out
-
     def map_targets(self, dataset_classes: Sequence[str] | None, targets: Any) -> Tensor:
         """The dataset's masks in this task's class indices; unknown classes and void -> -1."""
         masks = torch.as_tensor(pick_target(self, targets)).long()
         if dataset_classes is None:
             return masks
-        index = {c: i for i, c in enumerate(self.classes)}
-        lookup = torch.tensor([index.get(str(c), IGNORE) for c in dataset_classes] + [IGNORE])
+        lookup = self.label_lookup(dataset_classes, IGNORE)
         n = len(dataset_classes)
         return lookup[torch.where((masks < 0) | (masks >= n), n, masks)]
 

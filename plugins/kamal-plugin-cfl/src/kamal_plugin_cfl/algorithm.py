@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kamal import Amalgamator, Batch, FeatureRequest, FeatureTap, KamalError, LogitMerger, Student
+from kamal import Amalgamator, Batch, FeatureRequest, FeatureTap, KamalError, KDTerm, Student
 
 from .blocks import CommonFeatureBlock, build_block
 from .config import HEAD, CFLConfig
@@ -71,8 +71,8 @@ class CFLAmalgamator(Amalgamator):
         # one pass over the (possibly one-shot) iterator: the merger sees every image, the
         # leading batches are kept to size and calibrate the block and for the t-SNE plot
         images: list[Tensor] = []
-        self.merger = LogitMerger(self.teachers, student.tasks, cfg.merge)
-        self.merger.calibrate(self.teachers, _keeping(transfer_images, images, max(
+        self.kd = KDTerm(cfg, self.teachers, student.tasks)
+        self.kd.calibrate(self.teachers, _keeping(transfer_images, images, max(
             _CALIBRATION_IMAGES, cfg.tsne_samples)), device)
         if not images:
             raise KamalError("cfl needs transfer images to size and calibrate its blocks")
@@ -94,7 +94,7 @@ class CFLAmalgamator(Amalgamator):
         self.plot_images = torch.cat(images)[:cfg.tsne_samples].cpu()
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"merger": self.merger, "cfl": self.block}
+        return {"merger": self.kd.merger, "cfl": self.block}
 
     def feature_layers(self) -> FeatureRequest:
         return FeatureRequest(teachers=[[layer] for layer in self.teacher_layers],
@@ -103,10 +103,7 @@ class CFLAmalgamator(Amalgamator):
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         assert self.student is not None
         cfg = self.config
-        merged = self.merger(batch.teacher_outputs)
-        losses = {f"kd/{task.name}": cfg.kd_weight * task.distill_loss(
-                      batch.student_outputs[task.name], merged[task.name], cfg.temperature)
-                  for task in self.student.tasks if task.name in merged}
+        losses = self.kd(batch)
         common = self.block(batch.student_features[self.student_layer],
                             [f[layer] for f, layer in zip(batch.teacher_features,
                                                           self.teacher_layers, strict=True)])
@@ -163,7 +160,7 @@ class CFLAmalgamator(Amalgamator):
                                                          strict=True)):
                     with FeatureTap(teacher.model.features, [layer], teacher.name) as tap:
                         teacher(batch)
-                    feature = tap.features[layer].clone()
+                    feature = tap.features[layer]
                     teacher_parts[i].append(self.block.prepare(feature) if prepared else feature)
                 if student_too:
                     with FeatureTap(self.student.features, [self.student_layer], "student") as tap:

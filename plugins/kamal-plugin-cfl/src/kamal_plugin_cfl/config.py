@@ -6,18 +6,20 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from kamal import AmalgamatorConfig
+from kamal import KDTermConfig
 
 HEAD = "<head>"
 PAPER_SIGMAS = [0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0]
 
 
-class CFLConfig(AmalgamatorConfig):
+class CFLConfig(KDTermConfig):
     """Hyperparameters of ``cfl``.
 
     KamalEngine's setting (which collapses on small networks) is ``kernel_reduction=sum``,
     ``mmd_weight=10``, ``min_hidden=1``, ``standardize_features=False`` and
-    ``feature_grad_ratio=None``; the other defaults are its values.
+    ``feature_grad_ratio=None``; the other defaults are its values. The KD term's fields
+    (``temperature``, ``merge``, ``kd_weight``) are kamal's shared ones (KamalEngine: T=1,
+    weight 1, naive merge).
     """
 
     name: Literal["cfl"] = "cfl"
@@ -29,13 +31,6 @@ class CFLConfig(AmalgamatorConfig):
     teacher_layers: list[str] | None = Field(
         None, description="One layer per teacher, overriding 'layer' for the teachers (for "
         "teachers whose layers are named differently). Same syntax as 'layer'.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of the KD term "
-                               "(KamalEngine's kldiv default; kd measured T=1 best on digits).")
-    merge: Literal["standardize", "naive"] = Field(
-        "standardize", description="How teacher logits are merged for the KD term (as in kd): "
-        "'standardize' calibrates each teacher's confidence on the transfer data; 'naive' "
-        "concatenates raw logits as KamalEngine did.")
-    kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term (KamalEngine: 1).")
     mmd_weight: float = Field(1.0, ge=0, description="Weight of the MMD term between the "
                               "student's and each teacher's common features. KamalEngine: 10 "
                               "on a sum of 7 kernels (70 on their mean); on digits, 10 on the "

@@ -39,7 +39,7 @@ def common_features(algo: CFLAmalgamator, images: Tensor, batch_size: int = 256
             student_h.append(common.student.flatten(1).cpu())
             for i, h in enumerate(common.teachers):
                 teacher_h[i].append(h.flatten(1).cpu())
-            task_name, logits = next(iter(algo.merger([t(batch) for t in algo.teachers]).items()))
+            task_name, logits = next(iter(algo.kd.merger([t(batch) for t in algo.teachers]).items()))
             classes.append(logits.argmax(1).cpu())
     finally:
         algo.block.train(block_mode)

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from kamal import (
     Amalgamator,
-    AmalgamatorConfig,
     Batch,
     ClassificationTask,
     FeatureRequest,
     KamalError,
-    LogitMerger,
+    KDTerm,
+    KDTermConfig,
     Student,
     StudentSpec,
     Teacher,
@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 _PROBE_IMAGES = 4  # images of the dry forward that checks shapes and finds feeding weights
 
 
-class LayerwiseConfig(AmalgamatorConfig):
-    """Hyperparameters of ``layerwise``."""
+class LayerwiseConfig(KDTermConfig):
+    """Hyperparameters of ``layerwise`` (with the shared KD term's ``temperature``, ``merge``
+    and ``kd_weight``)."""
 
     name: Literal["layerwise"] = "layerwise"
     schedule: Literal["joint", "progressive"] = Field(
@@ -60,10 +61,6 @@ class LayerwiseConfig(AmalgamatorConfig):
     recon_weight: float = Field(1.0, ge=0, description="Weight of the reconstruction loss "
                                 "(MSE between decoded and real teacher maps, summed over "
                                 "teachers); the only loss training the encoders/decoders.")
-    kd_weight: float = Field(1.0, ge=0, description="Weight of the KD loss on merged logits.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of the KD loss.")
-    merge: Literal["standardize", "naive"] = Field(
-        "standardize", description="How teacher logits are merged for KD (see kd).")
     layer_epochs: int | None = Field(
         None, ge=1, description="progressive: epochs of each per-layer stage. Default: "
         "train.epochs / (2 x number of layers), so the layers take half the budget.")
@@ -128,12 +125,12 @@ class LayerwiseAmalgamator(Amalgamator):
         self.blocks = nn.ModuleDict({_key(layer): AmalBlock(student_ch[layer], teacher_ch[layer])
                                      for layer in self.layers}).to(device)
         self.feeding = feeding_parameters(student, self.layers, probe)
-        self.merger = LogitMerger(self.teachers, student.tasks, self.config.merge).to(device)
-        self.merger.calibrate(self.teachers, itertools.chain([first], images), device)
+        self.kd = KDTerm(self.config, self.teachers, student.tasks)
+        self.kd.calibrate(self.teachers, itertools.chain([first], images), device)
         self.amal_layers, self.recon_layers = list(self.layers), list(self.layers)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"amal": self.blocks, "merger": self.merger}
+        return {"amal": self.blocks, "merger": self.kd.merger}
 
     def feature_layers(self) -> FeatureRequest:
         return FeatureRequest(teachers=[list(self.layers) for _ in self.teachers],
@@ -163,11 +160,7 @@ class LayerwiseAmalgamator(Amalgamator):
                     F.mse_loss(d, t) for d, t in zip(block.decode(code), teacher_maps,
                                                      strict=True))
         if self.use_kd:
-            merged = self.merger(batch.teacher_outputs)
-            for task in self.student.tasks:
-                if task.name in merged:
-                    out[f"kd/{task.name}"] = cfg.kd_weight * task.distill_loss(
-                        batch.student_outputs[task.name], merged[task.name], cfg.temperature)
+            out.update(self.kd(batch))
         return out
 
     # --- schedules ------------------------------------------------------------------------

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from kamal import (
     Amalgamator,
-    AmalgamatorConfig,
     Batch,
     ConfigError,
     KamalModel,
-    LogitMerger,
+    KDTerm,
+    KDTermConfig,
     Student,
     Teacher,
 )
@@ -45,8 +45,9 @@ if TYPE_CHECKING:
     from kamal import Trainer
 
 
-class RecombinationConfig(AmalgamatorConfig):
-    """Hyperparameters of ``recombination``."""
+class RecombinationConfig(KDTermConfig):
+    """Hyperparameters of ``recombination`` (with the shared KD term's ``temperature``,
+    ``merge`` and ``kd_weight``, used in every fine-tuning round)."""
 
     name: Literal["recombination"] = "recombination"
     budget: float = Field(0.5, gt=0, le=1, description="Parameters the student keeps, as a "
@@ -60,11 +61,6 @@ class RecombinationConfig(AmalgamatorConfig):
         "(normalised per layer group, ranked globally), or 'random' as a control.")
     min_keep: float = Field(0.1, gt=0, le=1, description="Every layer keeps at least this "
                             "fraction of its channels.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD loss.")
-    merge: Literal["standardize", "naive"] = Field(
-        "standardize", description="How teacher logits are merged into the distillation "
-        "target: 'standardize' (calibrated on the transfer data) or 'naive' concatenation.")
-    weight: float = Field(1.0, gt=0, description="Weight of the KD loss.")
 
 
 class RecombinationAmalgamator(Amalgamator):
@@ -99,8 +95,8 @@ class RecombinationAmalgamator(Amalgamator):
         super().setup(student, transfer_images)
         self.combined_params = count_parameters(student)
         self.floors = channel_floors(self._net(), self.config.min_keep)
-        self.merger = LogitMerger(self.teachers, student.tasks, self.config.merge)
-        self.merger.calibrate(self.teachers, transfer_images, next(student.parameters()).device)
+        self.kd = KDTerm(self.config, self.teachers, student.tasks)
+        self.kd.calibrate(self.teachers, transfer_images, next(student.parameters()).device)
 
     def targets(self) -> list[int]:
         """Parameter count to reach in each round (the last one is the budget)."""
@@ -109,14 +105,10 @@ class RecombinationAmalgamator(Amalgamator):
                 for i in range(1, cfg.rounds + 1)]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"merger": self.merger}
+        return {"merger": self.kd.merger}
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
-        assert self.student is not None
-        merged = self.merger(batch.teacher_outputs)
-        return {f"kd/{task.name}": self.config.weight * task.distill_loss(
-                    batch.student_outputs[task.name], merged[task.name], self.config.temperature)
-                for task in self.student.tasks if task.name in merged}
+        return self.kd(batch)
 
     def amalgamate(self, trainer: Trainer) -> None:
         """Prune to each round's target, then fine-tune; completed rounds are skipped."""

@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from kamal import (
     Amalgamator,
@@ -215,11 +214,10 @@ class SBMAmalgamator(Amalgamator):
         if self.config.finetune_fraction > 0:
             finetune_epochs = max(1, finetune_epochs)
         amalgamate_epochs = max(1, cfg.epochs - finetune_epochs)
-        train_index, held_index = self._split(len(trainer.dataset), cfg.seed)
-        full = trainer.dataset
-        held = _gather(full, held_index, cfg.seed)
-        calibration = _gather(full, train_index[:self.config.calibration_images], cfg.seed + 1)
-        trainer.dataset = Subset(full, train_index)  # held-out images never train the student
+        train_index, held_index = self._split(trainer.num_samples, cfg.seed)
+        held = trainer.images(held_index, seed=cfg.seed)
+        calibration = trainer.images(train_index[:self.config.calibration_images], seed=cfg.seed + 1)
+        trainer.hold_out(held_index)  # held-out images never train the student
 
         # 1. amalgamate with random branch points (fixed ones stay fixed)
         if self.fixed:
@@ -334,19 +332,6 @@ def _net(student: Student) -> BranchedSegNet:
         raise KamalError(f"sbm needs an {STUDENT_ARCHITECTURE} student, got "
                          f"{type(net).__name__}")
     return net
-
-
-def _gather(dataset: Any, index: list[int], seed: int) -> Tensor:
-    """Images ``index`` of the training data; any augmentation drawn from a fixed seed.
-
-    Items are images, or ``(index, image)`` when the engine caches teacher outputs.
-    """
-    def image(item: Any) -> Tensor:
-        return item[-1] if isinstance(item, tuple | list) else item
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return torch.stack([image(dataset[i]) for i in index])
 
 
 def _batched(models: list[Any], images: Tensor, device: torch.device,
