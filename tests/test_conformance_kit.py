@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from pydantic import Field
 from torch import nn
 
-from kamal import AmalgamatorConfig, InputSpec, Student
+from kamal import InputSpec, KDTermConfig, Student
 from kamal.algorithms.kd import KDAmalgamator
 from kamal.testing import ConformanceError, check_amalgamator
 
@@ -22,13 +21,10 @@ class NaNLoss(_Base):
 
     name = "nan-loss"
 
-    class Config(AmalgamatorConfig):
-        """No hyperparameters."""
+    class Config(KDTermConfig):
+        """The KD term's hyperparameters."""
 
         name: Literal["nan-loss"] = "nan-loss"
-        temperature: float = Field(1.0, description="KD temperature.")
-        merge: Literal["standardize"] = Field("standardize", description="Merge mode.")
-        weight: float = Field(1.0, description="Weight.")
 
     def losses(self, batch):
         return {"kd": super().losses(batch)["kd/digits"] * float("nan")}
@@ -45,7 +41,7 @@ class NoGradient(NaNLoss):
         name: Literal["no-gradient"] = "no-gradient"
 
     def losses(self, batch):
-        (merged,) = self.merger(batch.teacher_outputs).values()
+        (merged,) = self.kd.merger(batch.teacher_outputs).values()
         return {"entropy": -(merged.softmax(1) * merged.log_softmax(1)).sum(1).mean()}
 
 

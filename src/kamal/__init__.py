@@ -23,8 +23,8 @@ _EXPORTS = {
     "Meter": "kamal.interfaces",
     "Student": "kamal.interfaces",
     "Teacher": "kamal.interfaces",
-    "Amalgamator": "kamal.interfaces",
-    "AmalgamatorConfig": "kamal.interfaces",
+    "Amalgamator": "kamal.amalgamator",
+    "AmalgamatorConfig": "kamal.amalgamator",
     "Batch": "kamal.interfaces",
     "FeatureRequest": "kamal.interfaces",
     "InputSpec": "kamal.interfaces",
@@ -93,6 +93,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the real names
+    from .amalgamator import Amalgamator, AmalgamatorConfig
     from .data.base import ImageDataset, TensorImageDataset, build_dataset
     from .data.paired import PairedDataset, PairedTransform
     from .distillation import KDTerm, KDTermConfig
@@ -110,8 +111,6 @@ if TYPE_CHECKING:  # static analysers see the real names
     from .hookspecs import Register, hookimpl
     from .hub_commands import load_from_hub
     from .interfaces import (
-        Amalgamator,
-        AmalgamatorConfig,
         Batch,
         FeatureRequest,
         InputSpec,

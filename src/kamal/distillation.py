@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .interfaces import AmalgamatorConfig, Batch, Task, Teacher
+from .amalgamator import AmalgamatorConfig
+from .interfaces import Batch, Task, Teacher
 from .merging import LogitMerger, MergeMode
 
 

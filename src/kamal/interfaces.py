@@ -1,6 +1,6 @@
-"""The contracts between kamal's core and its plugins: Task, Student, Teacher, Amalgamator.
-
-A plugin author needs only this module (re-exported from :mod:`kamal`):
+"""The contracts between kamal's core and its plugins: Task, Student, Teacher and the data
+an Amalgamator (:mod:`kamal.amalgamator`) receives. Everything is re-exported from
+:mod:`kamal`:
 
 * a :class:`Task` says what one head predicts, how a student output is distilled from a
   teacher output, how predictions are scored, and how several teachers' tasks merge;
@@ -13,16 +13,15 @@ A plugin author needs only this module (re-exported from :mod:`kamal`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from .engine import Trainer
+    pass
 
 
 @dataclass(frozen=True)
@@ -227,77 +226,3 @@ class StudentSpec:
     architecture: str
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
     task_names: dict[str, str] = field(default_factory=dict)
-
-
-class AmalgamatorConfig(BaseModel):
-    """Hyperparameters of an algorithm. Subclass it; unknown keys are rejected.
-
-    Every field needs a default (the paper's setting) and a ``description``: both appear in
-    the configuration reference and in error messages.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: str
-
-
-class Amalgamator(ABC):
-    """An amalgamation algorithm (contract for plugins).
-
-    Life cycle, driven by :func:`kamal.run.amalgamate`:
-
-    1. ``check_teachers(teachers)`` (classmethod): refuse teachers the algorithm cannot use,
-       with a message saying which algorithm would work.
-    2. ``__init__(config, teachers, student_spec)``.
-    3. ``build_student()``: the student network (default: ``student_spec``'s architecture
-       with the teachers' merged tasks).
-    4. ``setup(student, transfer_images)``: build trainable blocks, calibrate on unlabeled
-       data (one pass, no labels).
-    5. ``amalgamate(trainer)``: by default ``trainer.fit()``, which calls :meth:`losses` for
-       every batch and optimises the student plus :meth:`trainable_modules`. Algorithms with
-       several stages call ``trainer.fit(stage=..., parameters=...)`` several times.
-    """
-
-    name: ClassVar[str]
-    Config: ClassVar[type[AmalgamatorConfig]] = AmalgamatorConfig
-
-    def __init__(self, config: AmalgamatorConfig, teachers: list[Teacher],
-                 student_spec: StudentSpec) -> None:
-        self.config = config
-        self.teachers = teachers
-        self.student_spec = student_spec
-        self.student: Student | None = None
-
-    @classmethod
-    def check_teachers(cls, teachers: Sequence[Teacher]) -> None:
-        """Raise :class:`kamal.KamalError` if this algorithm cannot amalgamate ``teachers``."""
-
-    def build_student(self) -> Student:
-        """Build the student; the default merges the teachers' tasks onto the spec's network."""
-        from .models import build_student_for
-
-        return build_student_for(self.student_spec, self.teachers)
-
-    def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
-        """Prepare for training (build blocks, calibrate). ``transfer_images`` is unlabeled."""
-        self.student = student
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        """Extra modules trained with the student (checkpointed with it)."""
-        return {}
-
-    def feature_layers(self) -> FeatureRequest:
-        """Layers of the teachers and the student that :meth:`losses` needs."""
-        return FeatureRequest()
-
-    @abstractmethod
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        """Named scalar losses for one batch; the engine sums them (already weighted)."""
-
-    def amalgamate(self, trainer: Trainer) -> None:
-        """Run the training; override for multi-stage algorithms."""
-        trainer.fit()
-
-    def describe(self) -> dict[str, Any]:
-        """Algorithm name and hyperparameters, for the report and the model card."""
-        return self.config.model_dump()

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from .amalgamator import Amalgamator
 from .data.base import ImageDataset
 from .data.views import image_batches
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
-from .interfaces import Amalgamator, Student, Teacher
+from .interfaces import Student, Teacher
 from .merging import LogitMerger
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from . import distributed
 from . import report as reporting
+from .amalgamator import Amalgamator
 from .checkpoint import seed_everything
 from .config import RunConfig, load_config, validate
 from .data.base import ImageDataset
@@ -24,7 +25,7 @@ from .data.views import IndexedView, UnlabeledView, check_data_matches, dataset_
 from .engine import Objective, Trainer, resolve_device
 from .errors import ConfigError, RegistryError
 from .evaluation import evaluate
-from .interfaces import Amalgamator, Student, StudentSpec, Teacher
+from .interfaces import Student, StudentSpec, Teacher
 from .models.base import common_input_spec
 from .plugins import get_registry
 from .repo import save_model_repo

@@ -131,7 +131,7 @@ class {cls}(Amalgamator):
 TEST = '''\
 """Conformance and discovery tests for kamal-plugin-{name}."""
 
-from kamal.plugins import plugin_infos
+from kamal import plugin_infos
 from kamal.testing import check_amalgamator
 
 from {module}.algorithm import {cls}

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
+from .amalgamator import Amalgamator
 from .cache import TeacherCache, choose_mode, fingerprint
 from .config import RunConfig
 from .data.base import ImageDataset
@@ -24,7 +25,7 @@ from .data.views import UnlabeledView
 from .engine import StepInfo
 from .errors import KamalError
 from .features import FeatureTap
-from .interfaces import Amalgamator, Batch, Student, Teacher
+from .interfaces import Batch, Student, Teacher
 from .teachers import Switch, TeacherOutputs, TeacherRunner
 
 

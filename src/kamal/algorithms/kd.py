@@ -13,8 +13,9 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ..amalgamator import Amalgamator
 from ..distillation import KDTerm, KDTermConfig
-from ..interfaces import Amalgamator, Batch, Student
+from ..interfaces import Batch, Student
 
 
 class KDConfig(KDTermConfig):
