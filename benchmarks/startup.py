@@ -33,7 +33,7 @@ def install_kind() -> str:
     """Whether kamal is installed editable (slower start: its import hooks) or as a wheel."""
     from importlib.metadata import distribution
 
-    direct = distribution("kamal").read_text("direct_url.json") or "{}"
+    direct = distribution("kamal-core").read_text("direct_url.json") or "{}"
     editable = json.loads(direct).get("dir_info", {}).get("editable", False)
     return "editable installs" if editable else "regular (non-editable) installs"
 

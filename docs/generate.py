@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kamal.config import RunConfig, TrainRunConfig, reference_markdown
 from kamal.plugins import get_registry
+from kamal.version import CORE_DISTRIBUTION
 
 DOC = Path(__file__).with_name("configuration.md")
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
@@ -22,7 +23,7 @@ def generated() -> str:
              reference_markdown(TrainRunConfig, "`kamal train` configs")]
     registry = get_registry()
     for name, entry in sorted(registry.entries("amalgamators").items()):
-        if entry.distribution != "kamal":
+        if entry.distribution != CORE_DISTRIBUTION:
             continue  # plugins document their own hyperparameters in docs/algorithms/
         parts.append(reference_markdown(entry.load().Config, f"`algorithm: {name}` (built in)"))
     return "\n".join(parts)

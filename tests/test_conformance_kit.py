@@ -84,7 +84,14 @@ class Undocumented(NaNLoss):
         secret: int = 3
 
 
+class ReusesCoreName(UnsaveableStudent):
+    """Calls itself 'kd', the core's algorithm."""
+
+    name = "kd"
+
+
 @pytest.mark.parametrize("cls, message", [
+    (ReusesCoreName, "'kd' is a name the kamal core reserves"),
     (NaNLoss, "loss 'kd' is not finite"),
     (NoGradient, "loss 'entropy' has no gradient"),
     (UnsaveableStudent, "cannot be saved and reloaded as a model repo"),

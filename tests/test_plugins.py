@@ -52,18 +52,20 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error(plugin_site):
     assert "kamal-plugin-broken" in result.stderr
 
 
-def test_name_clash_between_distributions_names_both(plugin_site):
+def test_a_plugin_reusing_a_core_name_is_the_broken_one(plugin_site):
     env = {"PYTHONPATH": str(plugin_site), "KAMAL_DISABLE_PLUGINS": "kamal-plugin-broken"}
     result = run_kamal("list-plugins", "--json", env=env)
     infos = {i["name"]: i for i in json.loads(result.stdout)}
-    for name in ("kamal", "kamal-plugin-clash"):
-        assert infos[name]["status"] == "error"
-        assert "kamal-plugin-clash" in infos[name]["error"] and "kamal" in infos[name]["error"]
-    # using the clashing name is an error naming both distributions
-    result = run_kamal("amalgamate", "examples/digits/kd.yaml", "-o", "unused", env=env,
-                       cwd=ROOT)
+    assert infos["kamal"]["status"] == "ok" and infos["kamal"]["error"] is None
+    clash = infos["kamal-plugin-clash"]
+    assert clash["status"] == "error"
+    assert "registers algorithm 'kd', a name the kamal core reserves" in clash["error"]
+    assert "kd" not in clash["provides"].get("amalgamators", [])
+    # the core's kd is still the one used: the run reaches kd's own config validation
+    result = run_kamal("amalgamate", "examples/digits/kd.yaml", "-o", "unused", "--set",
+                       "algorithm.temperature=-1", env=env, cwd=ROOT)
     assert result.returncode != 0
-    assert "registered by several distributions (kamal, kamal-plugin-clash)" in result.stderr
+    assert "algorithm.temperature" in result.stderr and "registered by several" not in result.stderr
 
 
 def test_load_plugins_switch_limits_discovery(plugin_site):
@@ -76,15 +78,27 @@ def test_load_plugins_switch_limits_discovery(plugin_site):
 
 
 def test_in_process_plugin_registration_and_clash():
-    plugin = types.SimpleNamespace(
-        register_datasets=hookimpl(lambda register: register("digits", "x:y")))
-    register_plugin(plugin, "clashing-test-plugin")
-    try:
-        with pytest.raises(RegistryError, match="clashing-test-plugin"):
-            get_registry().get("datasets", "digits")
+    first = types.SimpleNamespace(
+        register_datasets=hookimpl(lambda register: register("shared-name", "x:y")))
+    second = types.SimpleNamespace(
+        register_datasets=hookimpl(lambda register: register("shared-name", "x:z")))
+    register_plugin(first, "first-test-plugin")
+    register_plugin(second, "second-test-plugin")
+    try:  # two plugins: the name is unusable, and the error names both
+        with pytest.raises(RegistryError, match="first-test-plugin.*second-test-plugin"):
+            get_registry().get("datasets", "shared-name")
     finally:
-        unregister_plugin("clashing-test-plugin")
-    assert get_registry().get("datasets", "digits").__name__ == "build_digits"
+        unregister_plugin("first-test-plugin")
+        unregister_plugin("second-test-plugin")
+    reuser = types.SimpleNamespace(
+        register_datasets=hookimpl(lambda register: register("digits", "x:y")))
+    register_plugin(reuser, "reusing-test-plugin")
+    try:  # a core name: the core's stays, the plugin is marked broken
+        assert get_registry().get("datasets", "digits").__name__ == "build_digits"
+        info = next(i for i in plugin_infos() if i.name == "reusing-test-plugin")
+        assert "a name the kamal core reserves" in (info.error or "")
+    finally:
+        unregister_plugin("reusing-test-plugin")
 
 
 def test_list_plugins_and_help_do_not_import_torch():

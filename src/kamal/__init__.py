@@ -8,13 +8,11 @@ Attributes load lazily so that ``import kamal`` (and ``kamal --help``) never imp
 from __future__ import annotations
 
 import importlib
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = metadata.version("kamal")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
+from .version import CORE_DISTRIBUTION, PLUGIN_API, core_version
+
+__version__ = core_version()
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -76,7 +74,7 @@ _EXPORTS = {
     "Interrupted": "kamal.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "CORE_DISTRIBUTION", "PLUGIN_API", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import Interrupted, KamalError
+from .version import CORE_DISTRIBUTION
 
 
 class _Group(click.Group):
@@ -56,11 +57,12 @@ def list_plugins(as_json: bool, requirements: bool) -> None:
         return
     if requirements:
         for info in infos:
-            if info.distribution != "kamal":
+            if info.distribution != CORE_DISTRIBUTION:
                 click.echo(f"{info.distribution}=={info.version}")
         return
     for info in infos:
-        status = "ok" if info.error is None else f"ERROR: {info.error}"
+        status = ("ok" if info.error is None else
+                  f"{'INCOMPATIBLE' if info.incompatible else 'ERROR'}: {info.error}")
         click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
         for kind, names in sorted(info.provides.items()):
             click.echo(f"    {kind}: {', '.join(names)}")

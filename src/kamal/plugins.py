@@ -23,9 +23,11 @@ import pluggy
 from . import hookspecs
 from .errors import RegistryError
 from .registry import KIND_NOUNS, KINDS, Registry
+from .version import CORE_DISTRIBUTION, PLUGIN_API, PLUGIN_API_RELEASES, core_version
 
 ENTRY_POINT_GROUP = "kamal"
 DEFAULT_PLUGINS = ("kamal.builtins",)
+CORE_PLUGIN = "kamal"  # the name the core's own hook module is registered under
 
 
 @dataclass
@@ -38,10 +40,13 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     provides: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    incompatible: bool = False  # built for another plugin API: not loaded
 
     @property
     def status(self) -> str:
-        """``"ok"`` or ``"error"``."""
+        """``"ok"``, ``"error"`` or ``"incompatible"``."""
+        if self.incompatible:
+            return "incompatible"
         return "error" if self.error else "ok"
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,13 +75,6 @@ def _env_list(name: str) -> list[str] | None:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _kamal_version() -> str:
-    try:
-        return metadata.version("kamal")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def _strict() -> bool:
     return os.environ.get("KAMAL_STRICT_PLUGINS", "") not in ("", "0")
 
@@ -99,17 +97,54 @@ def _load_entry_points(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -
         infos[ep.name] = info
         try:
             module = ep.load()
-            pm.register(module, name=ep.name)
         except Exception as exc:  # isolate: one broken plugin must not break kamal
             _record_failure(info, f"failed to load {ep.value}: {type(exc).__name__}: {exc}")
+            continue
+        problem = api_mismatch(getattr(module, "KAMAL_PLUGIN_API", None))
+        if problem:
+            info.incompatible = True
+            _record_failure(info, problem)
+            continue
+        try:
+            pm.register(module, name=ep.name)
+        except Exception as exc:
+            _record_failure(info, f"failed to register {ep.value}: {type(exc).__name__}: {exc}")
+
+
+def api_mismatch(declared: Any) -> str | None:
+    """Why a plugin declaring ``KAMAL_PLUGIN_API = declared`` cannot load (None: it can).
+
+    A plugin that declares nothing is assumed to fit (plugins written before API versions).
+    """
+    if declared is None:
+        return None
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        wanted = SpecifierSet(str(declared))
+    except InvalidSpecifier:
+        major = int(PLUGIN_API.split(".")[0])
+        return (f"KAMAL_PLUGIN_API = {declared!r} is not a version range; write e.g. "
+                f"'>={major},<{major + 1}'")
+    if wanted.contains(PLUGIN_API):
+        return None
+    fitting = [f"{release} (API {api})" for api, release in PLUGIN_API_RELEASES.items()
+               if wanted.contains(api)]
+    return (f"built for kamal plugin API {declared}, but this {CORE_DISTRIBUTION} "
+            f"{core_version()} provides API {PLUGIN_API}; not loaded. Core versions that fit: "
+            f"{', '.join(fitting) or 'none released yet'}; or install a version of the plugin "
+            f"built for API {PLUGIN_API}")
 
 
 def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Registry:
     registry = Registry()
     trace = os.environ.get("KAMAL_TRACE_PLUGINS", "") not in ("", "0")
+    reserved: list[tuple[PluginInfo, str]] = []  # (plugin, message): it reused a core name
     for kind in KINDS:
         caller = getattr(pm.hook, f"register_{kind}")
-        for impl in caller.get_hookimpls():
+        # the core first: its names are reserved, whatever order plugins load in
+        impls = sorted(caller.get_hookimpls(), key=lambda i: i.plugin_name != CORE_PLUGIN)
+        for impl in impls:
             info = infos[impl.plugin_name]
             info.hooks.append(f"register_{kind}")
 
@@ -118,6 +153,12 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
                     print(f"kamal: {_info.name} ({_info.distribution}) registers {KIND_NOUNS[_kind]} "
                           f"'{name}' -> {target if isinstance(target, str) else repr(target)}",
                           file=sys.stderr)
+                core = registry.entries(_kind).get(name)
+                if core is not None and core.plugin == CORE_PLUGIN and _info.name != CORE_PLUGIN:
+                    reserved.append((_info, f"registers {KIND_NOUNS[_kind]} '{name}', a name the "
+                                     f"kamal core reserves; the plugin must use another name "
+                                     f"(the core's '{name}' stays in use)"))
+                    return
                 registry.add(_kind, name, target, _info.name, _info.distribution)
                 _info.provides.setdefault(_kind, []).append(name)
 
@@ -125,6 +166,9 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
                 impl.function(register=register)
             except Exception as exc:
                 _record_failure(info, f"register_{kind} failed: {type(exc).__name__}: {exc}")
+    for info, message in reserved:
+        if info.error is None:
+            _record_failure(info, message)
     for kind in KINDS:
         for entry in registry.entries(kind).values():
             if entry.clashes:
@@ -133,6 +177,7 @@ def _fill_registry(pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> Re
                 for info in infos.values():
                     if info.distribution in owners and info.error is None:
                         _record_failure(info, message)
+    registry.broken = {info.distribution: info.error for info in infos.values() if info.error}
     return registry
 
 
@@ -143,8 +188,8 @@ def _load() -> None:
     import importlib
 
     for module_name in DEFAULT_PLUGINS:
-        infos["kamal"] = PluginInfo("kamal", "kamal", _kamal_version())
-        pm.register(importlib.import_module(module_name), name="kamal")
+        infos[CORE_PLUGIN] = PluginInfo(CORE_PLUGIN, CORE_DISTRIBUTION, core_version())
+        pm.register(importlib.import_module(module_name), name=CORE_PLUGIN)
     _load_entry_points(pm, infos)
     pm.check_pending()  # a misspelled hook name fails loudly
     _State.registry = _fill_registry(pm, infos)

@@ -62,6 +62,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.broken: dict[str, str] = {}  # distribution -> why it failed to load
 
     def add(self, kind: str, name: str, target: Any, plugin: str, distribution: str) -> None:
         """Record ``name``; a second distribution registering it is recorded as a clash."""
@@ -94,8 +95,12 @@ class Registry:
                 f"unknown {KIND_NOUNS[kind]} '{name}'.{did_you_mean(name, allowed)} "
                 f"Installed: {', '.join(allowed) or 'none'}."
             )
-            if kind == "amalgamators":
-                message += f" To add it, install its plugin: pip install kamal-plugin-{name}"
+            plugin = f"kamal-plugin-{name}"
+            if plugin in self.broken:
+                message = (f"unknown {KIND_NOUNS[kind]} '{name}': {plugin} is installed but failed "
+                           f"to load: {self.broken[plugin]}")
+            elif kind == "amalgamators":
+                message += f" To add it, install its plugin: kamal install {name}"
             raise RegistryError(message) from None
 
     def get(self, kind: str, name: str) -> Any:

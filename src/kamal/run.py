@@ -104,7 +104,7 @@ def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
     try:
         cls = get_registry().get("amalgamators", cfg.algorithm.name)
     except RegistryError as exc:
-        raise ConfigError(f"algorithm.name: {exc}") from None
+        raise ConfigError(f"algorithm.name: {exc}") from exc  # --debug shows the plugin's error
     algo_cfg = validate(cls.Config, cfg.algorithm.model_dump(), prefix="algorithm")
     return cls, algo_cfg
 

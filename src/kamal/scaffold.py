@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from .errors import KamalError
+from .version import CORE_DISTRIBUTION, PLUGIN_API
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 
@@ -26,7 +27,7 @@ version = "0.1.0"
 description = "The {name} amalgamation algorithm for kamal"
 readme = "README.md"
 requires-python = ">=3.11"
-dependencies = ["kamal>={kamal_major_minor}"]
+dependencies = ["{core_requirement}"]
 
 [project.optional-dependencies]
 test = ["pytest>=8"]
@@ -46,6 +47,8 @@ Register lazily ("module:attr") so that `kamal list-plugins` does not import tor
 """
 
 from kamal import Register, hookimpl
+
+KAMAL_PLUGIN_API = "{plugin_api}"  # the kamal plugin API this plugin was built for
 
 
 @hookimpl
@@ -166,14 +169,28 @@ Hyperparameters: see `{cls}Config` in `src/{module}/algorithm.py`.
 '''
 
 
+def core_requirement(version: str) -> str:
+    """``kamal-core`` from this release up to the next one that may break plugins: the next
+    minor while the major version is 0, else the next major."""
+    parts = [int(p) for p in version.split(".")[:2]] if version[0].isdigit() else [0, 1]
+    major, minor = (parts + [0])[:2]
+    upper = f"{major}.{minor + 1}" if major == 0 else f"{major + 1}"
+    return f"{CORE_DISTRIBUTION}>={major}.{minor},<{upper}"
+
+
+def api_range() -> str:
+    """The plugin API range a plugin written against this core declares."""
+    major = int(PLUGIN_API.split(".")[0])
+    return f">={major},<{major + 1}"
+
+
 def _files(name: str) -> dict[str, str]:
     from . import __version__
 
     module = "kamal_plugin_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in name.split("-")) + "Amalgamator"
-    major_minor = ".".join(__version__.split(".")[:2]) if __version__[0].isdigit() else "0.1"
     values = {"name": name, "module": module, "cls": cls, "ident": name.replace("-", "_"),
-              "kamal_major_minor": major_minor}
+              "core_requirement": core_requirement(__version__), "plugin_api": api_range()}
     return {
         "pyproject.toml": PYPROJECT.format(**values),
         "README.md": README.format(**values),

@@ -3,7 +3,8 @@
 ``check_amalgamator(MyAmalgamator, workdir)`` trains two tiny digits teachers in-process (no
 downloads, cached per process), then checks the contract an amalgamator must meet:
 
-1. its ``Config`` validates with defaults only, and every field is documented;
+1. its name is not one the core reserves; its ``Config`` validates with defaults only, and
+   every field is documented;
 2. on one batch, every loss is a finite scalar that back-propagates into the student;
 3. a short amalgamation through the real engine finishes and writes a report;
 4. the student saves as a model repo and reloads with identical outputs;
@@ -113,6 +114,15 @@ def _ensure_registered(cls: type) -> Any:
     return plugin_name
 
 
+def _check_name(cls: type) -> None:
+    from .plugins import CORE_PLUGIN, get_registry
+
+    entry = get_registry().entries("amalgamators").get(cls.name)
+    if entry is not None and entry.plugin == CORE_PLUGIN and entry.load() is not cls:
+        raise ConformanceError(f"{cls.__name__}.name '{cls.name}' is a name the kamal core "
+                               "reserves; choose another name")
+
+
 def _check_config(cls: type) -> Any:
     try:
         config = cls.Config(name=cls.name)
@@ -200,6 +210,7 @@ def check_amalgamator(cls: type, workdir: str | Path,
     from .run import amalgamate
 
     workdir = Path(workdir)
+    _check_name(cls)
     config = _check_config(cls)
     if algorithm_options:
         config = cls.Config(name=cls.name, **algorithm_options)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from kamal import Register, hookimpl
 
+KAMAL_PLUGIN_API = ">=1,<2"  # the kamal plugin API this plugin was built for
+
 
 @hookimpl
 def register_amalgamators(register: Register) -> None:
