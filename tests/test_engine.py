@@ -13,12 +13,14 @@ from typing import Literal
 
 import pytest
 import torch
+import yaml
 from pydantic import Field
 
 from kamal import (
     Amalgamator,
     AmalgamatorConfig,
     Interrupted,
+    KamalError,
     NonFiniteLossError,
     amalgamate,
     hookimpl,
@@ -106,7 +108,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
         amalgamate(config, tmp_path / "run", progress=False)
     message = str(info.value)
     assert "loss 'kd' became nan" in message and "epoch 2, step 11" in message
-    assert "latest.safetensors" in message and "train.optimizer.lr" in message
+    assert "latest.safetensors" in message and "--resume" in message
+    # the weights were finite when the loss turned NaN: the loss term, not the optimisation
+    assert "the weights are still finite, so the algorithm's loss term 'kd' produced it" in message
     state = load_state(tmp_path / "run" / "checkpoints" / "latest.safetensors")
     assert state["epoch"] == 1 and state["global_step"] == 540 // 64  # the last good epoch end
     weights = state["modules"]["student"]
@@ -118,8 +122,20 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
 def test_nan_before_any_checkpoint_says_so(tmp_path, tiny_teachers, exploding_plugin):
     config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "exploding",
                                                                    "explode_at": 0}, epochs=1)
-    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+    with pytest.raises(NonFiniteLossError) as info:
         amalgamate(config, tmp_path / "run", progress=False)
+    message = str(info.value)
+    assert "No checkpoint had been written yet: fix the cause, then run again." in message
+    assert "--resume" not in message
+    assert "on the first step, with the initial weights, so the algorithm's loss term 'kd'" in message
+
+
+def test_nan_weights_blame_the_optimisation(tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
+    with pytest.raises(NonFiniteLossError) as info:  # an absurd learning rate diverges
+        amalgamate(config, tmp_path / "run", progress=False,
+                   overrides=["train.optimizer.lr=1e30", "train.optimizer.name=sgd"])
+    assert "the optimisation diverged: lower train.optimizer.lr" in str(info.value)
 
 
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_teachers):
@@ -175,3 +191,29 @@ def test_checkpoints_stream_to_disk_without_a_copy_in_memory(tmp_path):
                             capture_output=True, text=True, check=True)
     assert int(result.stdout) < 32, f"saving 128 MiB raised peak memory by {result.stdout} MiB"
     assert load_state(tmp_path / "c.safetensors")["modules"]["w0"].shape == (1024, 1024)
+
+
+def test_resume_with_another_algorithm_or_teachers_is_refused_with_the_differences(
+        tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=3)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        amalgamate(config, out, progress=False, interrupt_after_steps=3)
+    other = yaml.safe_load(config.read_text())
+    other["student"]["architecture_kwargs"] = {"width": 12}
+    other["teachers"] = other["teachers"][::-1]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(other))
+    with pytest.raises(KamalError) as info:
+        amalgamate(changed, out, progress=False, resume=True)
+    message = str(info.value)
+    assert message.startswith(f"--resume: {out} was started with another setup")
+    assert "student: " in message and "'width': 12" in message
+    assert "teachers.0.name:" in message and "teachers.0.path:" in message
+    # what may change on resume does not trip the check: more epochs, another lr
+    more = yaml.safe_load(config.read_text())
+    more["train"]["epochs"] = 4
+    more["train"]["optimizer"] = {"lr": 0.001}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
+    report = amalgamate(tmp_path / "more.yaml", out, progress=False, resume=True)
+    assert report["algorithm"] == "kd"

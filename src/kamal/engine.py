@@ -86,6 +86,9 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | No
     return cls(params, lr=lr, weight_decay=opt.weight_decay)
 
 
+_DIVERGED = 100.0  # weights this many times their norm at the stage's start: diverged
+
+
 class _Progress:
     """One self-rewriting line on a terminal; one line per epoch otherwise (CI logs)."""
 
@@ -145,6 +148,7 @@ class Trainer:
         # for tests: behave as if Ctrl-C arrived after this many steps of this session
         self.interrupt_after_steps = interrupt_after_steps
         self._session_steps = 0
+        self._start_norm = math.inf
         self.samples = dataset  # every training sample; ``dataset`` is what fit() trains on
         self.dataset: Dataset = dataset
         self.step_fn = step_fn
@@ -240,6 +244,7 @@ class Trainer:
         if steps == 0:
             raise KamalError("the training data is empty")
         optimizer = _make_optimizer(params, self.cfg, lr)
+        self._start_norm = self._weight_norm()  # to tell a diverged optimisation from a bad loss
         total = epochs * steps
         scheduler = None
         if self.cfg.scheduler == "cosine":
@@ -362,14 +367,34 @@ class Trainer:
 
     def _nonfinite_error(self, name: str | None, value: Tensor | None,
                          info: StepInfo) -> NonFiniteLossError:
-        where = (f"the last good checkpoint is {self.latest_path}" if self.latest_path.exists()
-                 else "no checkpoint had been written yet")
         what = (f"loss '{name}' became {float(value.detach())}" if name is not None and value is not None
                 else "a loss became non-finite in another process")
+        norm = self._weight_norm()
+        term = f"the algorithm's loss term '{name}'" if name else "the algorithm's loss"
+        if not math.isfinite(norm) or norm > _DIVERGED * self._start_norm:
+            cause = (f"the weights grew from norm {self._start_norm:.3g} to {norm:.3g} since the "
+                     "stage began, so the optimisation diverged: lower train.optimizer.lr or set "
+                     "train.grad_clip")
+        elif info.step == 0:
+            cause = (f"it happened on the first step, with the initial weights, so {term} is the "
+                     "likely cause (its settings or the data it receives), not the optimisation")
+        else:
+            cause = (f"the weights are still finite, so {term} produced it; if the losses grew "
+                     "in the steps before, the optimisation is the likely cause: lower "
+                     "train.optimizer.lr or set train.grad_clip")
+        if self.latest_path.exists():
+            where = (f"The last good checkpoint is {self.latest_path}: fix the cause, then continue "
+                     "with --resume (or start again in a new --output).")
+        else:
+            where = "No checkpoint had been written yet: fix the cause, then run again."
         return NonFiniteLossError(
             f"{what} at stage '{info.stage}', epoch {info.epoch + 1}, step {info.step + 1}; "
-            f"training stopped and {where}. Lower train.optimizer.lr or set train.grad_clip, "
-            "then run again (--resume continues from that checkpoint).")
+            f"training stopped. Likely cause: {cause}. {where}")
+
+    def _weight_norm(self) -> float:
+        with torch.no_grad():
+            return math.sqrt(sum(float(p.detach().double().pow(2).sum())
+                                 for p in self._all_parameters()))
 
     def _epoch_means(self, sums: dict[str, float], count: int) -> dict[str, float]:
         """Mean of each loss over the epoch's steps of every process."""

@@ -29,7 +29,7 @@ from .interfaces import Student, StudentSpec, Teacher
 from .models.base import common_input_spec
 from .plugins import get_registry
 from .repo import save_model_repo
-from .run_folder import prepare_output
+from .run_folder import RESOLVED_CONFIG, check_resume_matches, prepare_output
 from .step import AmalgamationStep, build_teacher_cache
 from .teacher_loading import resolve_teacher
 
@@ -70,9 +70,12 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     student = amalgamator.build_student().to(device)
     for teacher in teachers:
         teacher.to(device)
+    resolved = _resolved_config(cfg, teachers, base_dir)
+    if resume:
+        check_resume_matches(out, resolved)
     amalgamator.setup(student, image_batches(transfer))
     if distributed.is_main_process():
-        _write_resolved_config(out, cfg, teachers, base_dir)
+        (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
                             teacher_channels_last=cfg.train.teacher_channels_last)
     local = distributed.shard(transfer, cfg.train.seed)
@@ -120,15 +123,15 @@ def _evaluator(student: Student, eval_data: ImageDataset | None, device: torch.d
     return evaluator
 
 
-def _write_resolved_config(out: Path, cfg: RunConfig, teachers: list[Teacher], base: Path) -> None:
-    """``config.yaml`` of the run with teacher revisions pinned and paths absolute."""
+def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dict[str, Any]:
+    """The run's config with teacher revisions pinned and paths absolute (``config.yaml``)."""
     data = cfg.model_dump(exclude_none=True)
     for entry, teacher in zip(data["teachers"], teachers, strict=True):
         if "hub" in entry:
             entry["revision"] = teacher.source["revision"]
         else:
             entry["path"] = str((base / entry["path"]).resolve())
-    (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
 
 
 def _finish(out: Path, student: Student, report: dict[str, Any], amalgamator: Amalgamator,

@@ -8,12 +8,19 @@ the model repo it produced: ``student/`` (``kamal amalgamate``) or ``model/``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from . import distributed
 from .errors import KamalError
 from .repo import CONFIG_FILE
 
 RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
+RESOLVED_CONFIG = "config.yaml"  # the run's config, teacher paths absolute and revisions pinned
+# what a resumed run must share with the run it continues (everything else may change:
+# train.epochs, the optimizer, data.eval, logging)
+FIXED_ON_RESUME = ("algorithm.name", "teachers", "student", "data.transfer")
 MODEL_SUBFOLDERS = ("student", "model")  # written by amalgamate / train
 
 
@@ -47,3 +54,37 @@ def model_folder(path: str | Path) -> Path:
         return folder
     raise KamalError(f"'{path}' is neither a run folder (with student/ or model/) nor a model "
                      f"repo (with {CONFIG_FILE})")
+
+
+def _lookup(data: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
+    return data
+
+
+def check_resume_matches(out: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to ``--resume`` a run with another algorithm, teachers, student or transfer
+    data than it was started with; the message lists every difference."""
+    recorded_file = out / RESOLVED_CONFIG
+    if not recorded_file.exists():
+        return
+    recorded = yaml.safe_load(recorded_file.read_text()) or {}
+    differences = []
+    for path in FIXED_ON_RESUME:
+        before, now = _lookup(recorded, path), _lookup(resolved, path)
+        if path == "teachers" and isinstance(before, list) and isinstance(now, list):
+            if len(before) != len(now):
+                differences.append(f"teachers: {len(before)} then, {len(now)} now")
+                continue
+            for i, (old, new) in enumerate(zip(before, now, strict=True)):
+                for key in sorted(set(old) | set(new)):
+                    if old.get(key) != new.get(key):
+                        differences.append(f"teachers.{i}.{key}: {old.get(key)!r} then, "
+                                           f"{new.get(key)!r} now")
+        elif before != now:
+            differences.append(f"{path}: {before!r} then, {now!r} now")
+    if differences:
+        raise KamalError(f"--resume: {out} was started with another setup; it cannot continue "
+                         f"with this config. Differences: {'; '.join(differences)}. Resume with "
+                         "the original config (train.epochs, the optimizer, data.eval and logging "
+                         "may change), or start a new run with another --output")
