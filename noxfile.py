@@ -56,7 +56,7 @@ def _scaffolded_plugin_works(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the core, the plugins and the tests."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "src", "tests", "plugins", "noxfile.py", "benchmarks")
+    session.run("ruff", "check", "src", "tests", "plugins", "noxfile.py", "benchmarks", "tools")
 
 
 @nox.session(python="3.11")
@@ -67,3 +67,19 @@ def bench(session: nox.Session) -> None:
     _install_everything(session)
     for script in session.posargs or ("startup.py", "speed.py", "quality.py"):
         session.run("python", str(ROOT / "benchmarks" / script))
+
+
+@nox.session(python="3.11")
+def build(session: nox.Session) -> None:
+    """Build an sdist and a wheel of the core and of every bundled plugin into dist/, then
+    check them: ``twine check`` (the long description renders) and kamal's own rules (a
+    licence, and plugins require kamal-core with a version range, never the bare name)."""
+    import shutil
+
+    session.install("build>=1.2", "twine>=5")
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    for project in [str(ROOT), *PLUGINS]:
+        session.run("python", "-m", "build", "--outdir", str(dist), project)
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
+    session.run("python", str(ROOT / "tools" / "check_wheels.py"), str(dist))

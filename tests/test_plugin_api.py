@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
 
 from conftest import ROOT, run_kamal
@@ -79,3 +81,23 @@ def test_no_bundled_plugin_or_scaffold_depends_on_the_bare_name_kamal(tmp_path):
 def test_core_requirement_ranges():
     assert core_requirement("0.1.0") == "kamal-core>=0.1,<0.2"
     assert core_requirement("1.4.2") == "kamal-core>=1.4,<2"
+
+
+def test_the_scaffolds_next_lines_work_as_printed(tmp_path):
+    result = run_kamal("new-plugin", "next-check", "--dir", "sub", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()[2:]]
+    assert lines == ["pip install -e './sub/kamal-plugin-next-check[test]'", "kamal list-plugins",
+                     "pytest ./sub/kamal-plugin-next-check/tests"]
+    project = tmp_path / "sub" / "kamal-plugin-next-check"
+    extras = tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"pytest", "build"} <= {r.split(">")[0] for r in extras["test"]}
+    # pip reads the argument as the local project (a bare name would go to the index)
+    dry = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps",
+                          "--no-build-isolation", "--report", "-", "--quiet", "-e",
+                          "./sub/kamal-plugin-next-check[test]"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    (item,) = json.loads(dry.stdout)["install"]
+    assert item["metadata"]["name"] == "kamal-plugin-next-check"
+    assert item["download_info"]["url"] == project.as_uri()

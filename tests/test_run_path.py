@@ -256,6 +256,6 @@ def test_kamal_push_publishes_a_kamal_train_run_folder(hub_server, tmp_path, tin
 def test_trace_plugins_prints_each_registration():
     traced = run_kamal("list-plugins", env={"KAMAL_TRACE_PLUGINS": "1"})
     assert traced.returncode == 0, traced.stderr
-    assert "kamal (kamal) registers algorithm 'kd' -> kamal.algorithms.kd:KDAmalgamator" in traced.stderr
+    assert "kamal (kamal-core) registers algorithm 'kd' -> kamal.algorithms.kd:KDAmalgamator" in traced.stderr
     quiet = run_kamal("list-plugins", env={"KAMAL_TRACE_PLUGINS": ""})
     assert "registers" not in quiet.stderr

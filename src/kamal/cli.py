@@ -161,6 +161,39 @@ def push(run_dir: str, repo_id: str, private: bool, branch: str | None) -> None:
     click.echo(f"pushed {run_dir} to {repo_id}@{commit}")
 
 
+_PIP_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True,
+             "help_option_names": ["-h", "--help"]}
+
+
+@main.command(context_settings=_PIP_ARGS)
+@click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
+def install(args: tuple[str, ...]) -> None:
+    """Install plugins with pip into kamal's environment: `kamal install sbm cfl`.
+
+    Short names become kamal-plugin-NAME; pip's options pass through (-U, -e PATH,
+    --find-links DIR, ...). Prints what the new plugins provide.
+    """
+    from .installer import describe_changes, expand, installed_plugins, pip
+
+    before = installed_plugins()
+    code = pip("install", expand(list(args)))
+    if code != 0:
+        raise click.ClickException(f"pip install failed (exit code {code}); nothing else changed")
+    lines = describe_changes(before, installed_plugins())
+    click.echo("\n".join(lines) if lines else "no plugin was added or changed")
+
+
+@main.command(context_settings=_PIP_ARGS)
+@click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
+def uninstall(args: tuple[str, ...]) -> None:
+    """Uninstall plugins with pip: `kamal uninstall sbm -y` (short names as for install)."""
+    from .installer import expand, pip
+
+    code = pip("uninstall", expand(list(args)))
+    if code != 0:
+        raise click.ClickException(f"pip uninstall failed (exit code {code})")
+
+
 @main.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
@@ -170,8 +203,10 @@ def new_plugin(name: str, directory: str) -> None:
     from .scaffold import new_plugin as write_plugin
 
     root = write_plugin(name, directory)
-    click.echo(f"created {root}\nnext: pip install {root} && kamal list-plugins && "
-               f"pytest {root}/tests")
+    # a path pip cannot mistake for a name on the index: absolute, or starting with ./
+    where = str(root) if root.is_absolute() else f"./{root.as_posix().removeprefix('./')}"
+    click.echo(f"created {root}\nnext:\n  pip install -e '{where}[test]'\n  kamal list-plugins\n"
+               f"  pytest {where}/tests")
 
 
 if __name__ == "__main__":  # pragma: no cover

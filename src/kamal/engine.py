@@ -136,8 +136,13 @@ class Trainer:
 
     In a distributed run ``output_dir`` (where algorithms may write extra files) is the run
     folder only in the main process; the others get a private scratch folder, deleted with
-    the trainer, so an algorithm that writes files needs no distributed code.
+    the trainer, so an algorithm that writes files needs no distributed code. ``device`` is
+    where the modules live; ``cfg`` is the run's ``train`` section.
     """
+
+    output_dir: Path
+    device: torch.device
+    cfg: TrainConfig
 
     def __init__(self, *, modules: dict[str, nn.Module], dataset: Dataset, step_fn: StepFn,
                  cfg: TrainConfig, output_dir: str | Path, device: torch.device,

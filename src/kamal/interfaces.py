@@ -70,6 +70,7 @@ class Task(ABC):
     saved in ``config.json`` through :meth:`to_dict` and rebuilt with :meth:`from_dict`.
     """
 
+    name: str  # the head's name: the key of its output in a model's ``forward`` dict
     kind: ClassVar[str]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
@@ -161,8 +162,14 @@ class Teacher:
 
     Always in eval mode with gradients off; calling it runs inference. ``source`` records
     where it came from (``{"path": ...}`` or ``{"hub": ..., "revision": <sha>}``, plus the
-    ``sha256`` of its weights).
+    ``sha256`` of its weights). ``model`` is the frozen network (a :class:`Student`, so
+    its ``features``, ``feature_layers`` and, for kamal models, ``head_layer`` are there to
+    tap); ``name`` is the teacher's name in the run config.
     """
+
+    name: str
+    model: Student
+    source: dict[str, Any]
 
     def __init__(self, name: str, model: Student, source: dict[str, Any] | None = None) -> None:
         self.name = name

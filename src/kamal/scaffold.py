@@ -30,7 +30,7 @@ requires-python = ">=3.11"
 dependencies = ["{core_requirement}"]
 
 [project.optional-dependencies]
-test = ["pytest>=8"]
+test = ["pytest>=8", "build>=1.2", "twine>=5"]
 
 # the entry-point name is the distribution's name (pluggy skips a repeated name)
 [project.entry-points.kamal]
@@ -156,16 +156,31 @@ def test_{ident}_meets_the_amalgamator_contract(tmp_path):
 README = '''\
 # kamal-plugin-{name}
 
-The `{name}` knowledge-amalgamation algorithm for [kamal](https://pypi.org/project/kamal/).
+The `{name}` knowledge-amalgamation algorithm, a plugin for kamal (the distribution
+`{core}` on the package index; import package and command `kamal`).
+
+## Develop
 
 ```bash
-pip install ./kamal-plugin-{name}
-kamal list-plugins            # shows kamal-plugin-{name}
-kamal amalgamate run.yaml     # with `algorithm: {{name: {name}}}`
-pytest kamal-plugin-{name}/tests
+pip install -e './kamal-plugin-{name}[test]'   # the plugin in editable mode, with pytest and build
+kamal list-plugins                             # shows kamal-plugin-{name}, providing {name}
+pytest kamal-plugin-{name}/tests               # discovery + kamal's conformance kit
+kamal amalgamate run.yaml                      # with `algorithm: {{name: {name}}}`
 ```
 
 Hyperparameters: see `{cls}Config` in `src/{module}/algorithm.py`.
+
+## Publish
+
+```bash
+python -m build kamal-plugin-{name}           # sdist and wheel into kamal-plugin-{name}/dist
+twine check kamal-plugin-{name}/dist/*
+twine upload kamal-plugin-{name}/dist/*
+```
+
+Users then install it with `kamal install {name}` (= `pip install kamal-plugin-{name}`).
+It requires `{core_requirement}` and declares `KAMAL_PLUGIN_API = "{plugin_api}"` in
+`src/{module}/plugin.py`: widen both only after testing with the newer core.
 '''
 
 
@@ -190,7 +205,8 @@ def _files(name: str) -> dict[str, str]:
     module = "kamal_plugin_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in name.split("-")) + "Amalgamator"
     values = {"name": name, "module": module, "cls": cls, "ident": name.replace("-", "_"),
-              "core_requirement": core_requirement(__version__), "plugin_api": api_range()}
+              "core_requirement": core_requirement(__version__), "plugin_api": api_range(),
+              "core": CORE_DISTRIBUTION}
     return {
         "pyproject.toml": PYPROJECT.format(**values),
         "README.md": README.format(**values),

@@ -63,7 +63,16 @@ def _call_builder(name: str, arch: Architecture, kwargs: dict[str, Any], **fixed
 
 
 class KamalModel(Student):
-    """A student or teacher network built from a registered architecture."""
+    """A student or teacher network built from a registered architecture.
+
+    ``architecture`` and ``architecture_kwargs`` rebuild it (they are saved in
+    ``config.json``); ``head_layer`` names the module that produces the task outputs (its
+    ``":in"`` is the pooled feature a classifier reads).
+    """
+
+    architecture: str
+    architecture_kwargs: dict[str, Any]
+    head_layer: str
 
     def __init__(self, architecture: str, tasks: Sequence[Task], input_spec: InputSpec,
                  architecture_kwargs: dict[str, Any] | None = None) -> None:

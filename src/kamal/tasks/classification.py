@@ -47,6 +47,8 @@ class NamedClassesTask(Task):
     class names, and a teacher's outputs are placed at the merged task's channels.
     """
 
+    classes: list[str]  # one name per output channel, in channel order
+
     def __init__(self, name: str, classes: Sequence[str]) -> None:
         super().__init__(name)
         self.classes = [str(c) for c in classes]
