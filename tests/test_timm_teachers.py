@@ -67,3 +67,36 @@ def test_without_timm_the_error_names_the_extra(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "pip install 'kamal[timm]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def _unnamed_timm_repo(folder: Path, classes: int = 5) -> None:
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=classes).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 16, 16)}
+    save_for_hf(model, str(folder), safe_serialization=True)  # no label_names
+    (folder / "pytorch_model.bin").unlink(missing_ok=True)
+
+
+def test_unnamed_classes_are_never_merged_by_their_numbers(tmp_path):
+    _unnamed_timm_repo(tmp_path / "a")
+    _unnamed_timm_repo(tmp_path / "b")
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples/digits/kd.yaml").read_text())
+    config["teachers"] = [{"name": "a", "path": str(tmp_path / "a")},
+                          {"name": "b", "path": str(tmp_path / "b")}]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from kamal import ConfigError, amalgamate
+
+    with pytest.raises(ConfigError) as info:
+        amalgamate(path, tmp_path / "out", progress=False)
+    message = str(info.value)
+    assert message.startswith("teachers.0: 'a' has no classification class names in its repo")
+    assert "numbered 0..4" in message and "classes: [...]" in message
+    assert "'a': 0, 1, 2, 3, 4; 'b': 0, 1, 2, 3, 4" in message
+    # named by the user, the same teachers load and merge (and a teacher alone is fine)
+    alone = resolve_teacher(TeacherRef(path=str(tmp_path / "a")), tmp_path, 0)
+    assert alone.tasks[0].guessed_names
+    named = resolve_teacher(TeacherRef(path=str(tmp_path / "a"), classes={0: "x", 1: "y"}),
+                            tmp_path, 0)
+    assert not named.tasks[0].guessed_names

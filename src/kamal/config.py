@@ -287,9 +287,29 @@ def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> 
 
 
 def load_config(model: type[BaseModel], path: str | Path, overrides: list[str] | None = None):
-    """Read, override and validate a config file; returns ``(config, base_dir)``."""
+    """Read, override and validate a config file; returns ``(config, base_dir)``.
+
+    Relative paths in dataset options (:data:`PATH_OPTIONS`) are made absolute against the
+    config file's folder, as teacher paths are, so a run does not depend on the working
+    directory and its recorded ``config.yaml`` re-runs from anywhere.
+    """
     data = apply_overrides(read_yaml(path), overrides or [])
-    return validate(model, data), Path(path).resolve().parent
+    config, base = validate(model, data), Path(path).resolve().parent
+    for ref in _data_refs(config):
+        for key, value in ref.options.items():
+            if key in PATH_OPTIONS and isinstance(value, str) and value and not Path(value).is_absolute():
+                setattr(ref, key, str((base / value).resolve()))
+    return config, base
+
+
+# dataset options that name files or folders (resolved against the config file's folder)
+PATH_OPTIONS = frozenset({"root"})
+
+
+def _data_refs(config: BaseModel) -> list[DataRef]:
+    data = getattr(config, "data", None)
+    return [ref for ref in (getattr(data, name, None) for name in ("transfer", "train", "eval"))
+            if isinstance(ref, DataRef)]
 
 
 def reference_markdown(model: type[BaseModel], title: str) -> str:

@@ -9,10 +9,10 @@ from typing import Any
 
 from . import report as reporting
 from .config import TeacherRef
-from .data.base import build_dataset
-from .data.views import check_data_matches, image_batches
+from .data.base import build_dataset, split_data_ref
+from .data.views import check_data_matches, check_label_names, image_batches, require_labels
 from .engine import resolve_device
-from .errors import KamalError
+from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .merging import LogitMerger
 from .repo import load_model
@@ -27,11 +27,14 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
     folder = model_folder(model_dir)
     device = resolve_device(device_name)
     model = load_model(folder).to(device).eval()
-    name, _, split = data.rpartition(":") if ":" in data else (data, "", "")
-    if not name:
-        name, split = data, ""
-    dataset = build_dataset(name, split or None, options, key="--data")
+    try:
+        name, split = split_data_ref(data)
+    except RegistryError as exc:
+        raise ConfigError(f"--data: {exc}") from exc
+    dataset = build_dataset(name, split, options, key="--data")
     check_data_matches(dataset, model.input_spec, "--data")
+    require_labels(dataset, "--data")
+    check_label_names(dataset, model.tasks, "the model", "--data", every_class=False)
     result: dict[str, Any] = {"model": reporting.model_entry(model, dataset, device, str(folder))}
     if with_teachers:
         config = json.loads((folder / "config.json").read_text())

@@ -44,6 +44,7 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         "hyperparameters": algorithm.describe(),
         "student": model_entry(student, eval_data, device, "student"),
         "teachers": [teacher_entry(t, eval_data, device) for t in teachers],
+        "shared_classes": shared_classes(teachers),
     }
     if eval_data is not None:
         for mode in ("standardize", "naive"):
@@ -56,6 +57,17 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}
     return report
+
+
+def shared_classes(teachers: list[Teacher]) -> dict[str, list[str]]:
+    """Class names that several teachers know (merged, i.e. averaged), with those teachers."""
+    owners: dict[str, list[str]] = {}
+    for teacher in teachers:
+        for task in teacher.tasks:
+            for name in getattr(task, "classes", None) or []:
+                if teacher.name not in owners.setdefault(name, []):
+                    owners[name].append(teacher.name)
+    return {name: who for name, who in owners.items() if len(who) > 1}
 
 
 def _fmt(metrics: dict[str, dict[str, float]] | None) -> str:

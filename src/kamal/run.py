@@ -21,12 +21,20 @@ from .amalgamator import Amalgamator
 from .checkpoint import seed_everything
 from .config import RunConfig, load_config, validate
 from .data.base import ImageDataset
-from .data.views import IndexedView, UnlabeledView, check_data_matches, dataset_from_ref, image_batches
+from .data.views import (
+    IndexedView,
+    UnlabeledView,
+    check_data_matches,
+    check_label_names,
+    dataset_from_ref,
+    image_batches,
+    require_labels,
+)
 from .engine import Objective, Trainer, resolve_device
-from .errors import ConfigError, RegistryError
+from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
-from .models.base import common_input_spec
+from .models.base import check_class_names, common_input_spec
 from .plugins import get_registry
 from .repo import save_model_repo
 from .run_folder import RESOLVED_CONFIG, check_resume_matches, prepare_output
@@ -58,16 +66,23 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
 
     teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
     cls.check_teachers(teachers)
+    check_class_names(teachers)
     spec = common_input_spec(teachers)
     transfer = dataset_from_ref(cfg.data.transfer, "data.transfer")
     check_data_matches(transfer, spec, "data.transfer")
     eval_data = dataset_from_ref(cfg.data.eval, "data.eval") if cfg.data.eval else None
     if eval_data is not None:
         check_data_matches(eval_data, spec, "data.eval")
+        require_labels(eval_data, "data.eval")
+        for teacher in teachers:
+            check_label_names(eval_data, teacher.tasks, f"teacher '{teacher.name}'", "data.eval",
+                              every_class=False)
 
     amalgamator = cls(algo_cfg, teachers, StudentSpec(
         cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names))
     student = amalgamator.build_student().to(device)
+    if eval_data is not None:
+        check_label_names(eval_data, student.tasks, "the student", "data.eval", every_class=True)
     for teacher in teachers:
         teacher.to(device)
     resolved = _resolved_config(cfg, teachers, base_dir)
@@ -91,15 +106,30 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     if not distributed.is_main_process():
         return {}
 
-    student.eval()
-    report = reporting.amalgamation_report(
-        algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
-        device=device, merge_mode=getattr(algo_cfg, "merge", "standardize"))
-    report["best_checkpoint"] = trainer.best
-    report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
-                               if step.cache else {"mode": "off", "bytes": 0})
-    report["teacher_execution"] = step.runner.describe()
-    _finish(out, student, report, amalgamator, teachers)
+    step_name = "evaluating the student and the teachers for the report"
+    try:  # a run ends with its outputs written, or with an error and a resumable checkpoint
+        student.eval()
+        report = reporting.amalgamation_report(
+            algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
+            device=device, merge_mode=getattr(algo_cfg, "merge", "standardize"))
+        report["best_checkpoint"] = trainer.best
+        report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
+                                   if step.cache else {"mode": "off", "bytes": 0})
+        report["teacher_execution"] = step.runner.describe()
+        provenance = {"algorithm": amalgamator.name, "hyperparameters": amalgamator.describe(),
+                      "teachers": [{"name": t.name, **t.source} for t in teachers]}
+        step_name = "saving the student model repo"
+        save_model_repo(student, out / "student", reporting.model_card(report, provenance),
+                        extra_config={"amalgamation": provenance})
+        step_name = "writing report.json"
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        step_name = "plotting the training curves"
+        reporting.plot_curves(out)
+    except Exception as exc:
+        raise KamalError(
+            f"training finished ({trainer.latest_path} holds the final state) but {step_name} "
+            f"failed: {type(exc).__name__}: {exc}. Fix that, then run the same command with "
+            "--resume: it writes the outputs without training again") from exc
     return report
 
 
@@ -132,13 +162,3 @@ def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dic
         else:
             entry["path"] = str((base / entry["path"]).resolve())
     return data
-
-
-def _finish(out: Path, student: Student, report: dict[str, Any], amalgamator: Amalgamator,
-            teachers: list[Teacher]) -> None:
-    provenance = {"algorithm": amalgamator.name, "hyperparameters": amalgamator.describe(),
-                  "teachers": [{"name": t.name, **t.source} for t in teachers]}
-    card = reporting.model_card(report, provenance)
-    save_model_repo(student, out / "student", card, extra_config={"amalgamation": provenance})
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    reporting.plot_curves(out)

@@ -13,7 +13,7 @@ from . import report as reporting
 from .checkpoint import seed_everything
 from .config import TrainRunConfig, load_config
 from .data.base import ImageDataset
-from .data.views import check_data_matches, dataset_from_ref
+from .data.views import check_data_matches, check_label_names, dataset_from_ref, require_labels
 from .engine import Objective, StepInfo, Trainer, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
@@ -57,6 +57,8 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
     model.to(device)
     if eval_data is not None:
         check_data_matches(eval_data, spec, "data.eval")
+        require_labels(eval_data, "data.eval")
+        check_label_names(eval_data, [task], "the model", "data.eval", every_class=False)
 
     loss_name = "ce" if task.kind == "classification" else task.kind
 

@@ -34,6 +34,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
+    @property
+    def labelled(self) -> bool:
+        """Whether items carry labels that metrics can be computed against."""
+        return self.classes is not None
+
 
 class TensorImageDataset(ImageDataset):
     """Images held in memory as one tensor, with optional random-shift augmentation."""
@@ -66,6 +71,20 @@ def resize(images: Tensor, size: int | Sequence[int]) -> Tensor:
     if tuple(images.shape[-2:]) == hw:
         return images
     return F.interpolate(images, size=hw, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def split_data_ref(text: str) -> tuple[str, str | None]:
+    """``DATASET[:SPLIT]`` -> ``(dataset, split)``, where a dataset name may itself hold a
+    colon: ``torchvision:ImageFolder`` is a family and its variant, ``digits:test`` a dataset
+    and its split, ``torchvision:CIFAR10:test`` both."""
+    family, _, rest = text.partition(":")
+    if not rest:
+        return text, None
+    builder = get_registry().get("datasets", family)
+    if "variant" in inspect.signature(builder).parameters:
+        variant, _, split = rest.partition(":")
+        return f"{family}:{variant}", split or None
+    return family, rest
 
 
 def build_dataset(name: str, split: str | None = None, options: dict[str, Any] | None = None,

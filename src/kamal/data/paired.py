@@ -91,6 +91,8 @@ class PairedDataset(ImageDataset):
     mask indices.
     """
 
+    labelled = True  # dense targets (masks and/or depth) even without class names
+
     def __init__(self, images: Tensor, masks: Tensor | None, depths: Tensor | None,
                  classes: Sequence[str] | None, transform: PairedTransform | None = None) -> None:
         if masks is None and depths is None:

@@ -7,18 +7,19 @@ sample index); algorithms calibrate on :func:`image_batches`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, RegistryError
+from ..tasks.classification import NamedClassesTask
 from .base import ImageDataset, build_dataset
 
 if TYPE_CHECKING:
     from ..config import DataRef
-    from ..interfaces import InputSpec
+    from ..interfaces import InputSpec, Task
 
 
 class SampleView(Dataset):
@@ -70,3 +71,34 @@ def check_data_matches(dataset: ImageDataset, spec: InputSpec, key: str) -> None
     if tuple(got) != tuple(want):
         raise ConfigError(f"{key}: images are {got[0]}x{got[1]}x{got[2]} but the models expect "
                           f"{want[0]}x{want[1]}x{want[2]}; set {key}.size (or use matching data)")
+
+
+def require_labels(dataset: ImageDataset, key: str) -> None:
+    """Metrics need labels: refuse unlabelled evaluation data instead of an empty table."""
+    if not dataset.labelled:
+        raise ConfigError(f"{key}: this data has no labels, so nothing can be scored on it; use "
+                          "labelled data (an image folder: labels: folders, one subfolder per "
+                          "class) or leave it out")
+
+
+def check_label_names(dataset: ImageDataset, tasks: Sequence[Task], owner: str, key: str,
+                      every_class: bool) -> None:
+    """The data's class names must mean something to ``owner``'s named-class tasks: all of
+    them (``every_class``, for the student) or at least one (a teacher knows a subset)."""
+    if not dataset.classes:
+        return
+    for task in tasks:
+        if not isinstance(task, NamedClassesTask):
+            continue
+        known = task.classes
+        unknown = [c for c in dataset.classes if c not in set(known)]
+        if (every_class and unknown) or len(unknown) == len(dataset.classes):
+            shown = unknown if every_class else dataset.classes
+            raise ConfigError(
+                f"{key}: the data's classes {_names(shown)} are not classes of {owner}'s task "
+                f"'{task.name}' ({_names(known)}); name the data's folders (or the model's "
+                "classes) alike")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(list(names)[:10]) + (", ..." if len(names) > 10 else "")

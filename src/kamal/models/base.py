@@ -152,6 +152,30 @@ def merge_tasks(teachers: Sequence[Teacher], task_names: dict[str, str] | None =
     return merged
 
 
+def check_class_names(teachers: Sequence[Teacher]) -> None:
+    """Refuse to merge a teacher whose class names were guessed (output indices) with other
+    teachers of the same task kind: equal made-up names would average unrelated outputs."""
+    from ..tasks.classification import NamedClassesTask
+
+    by_kind: dict[str, list[tuple[int, Teacher, NamedClassesTask]]] = {}
+    for i, teacher in enumerate(teachers):
+        for task in teacher.tasks:
+            if isinstance(task, NamedClassesTask):
+                by_kind.setdefault(task.kind, []).append((i, teacher, task))
+    for kind, entries in by_kind.items():
+        guessed = [entry for entry in entries if entry[2].guessed_names]
+        if len(entries) < 2 or not guessed:
+            continue
+        i, teacher, numbered = guessed[0]
+        listing = "; ".join(f"'{t.name}': {', '.join(task.classes[:8])}"
+                            f"{', ...' if len(task.classes) > 8 else ''}" for _, t, task in entries)
+        raise ConfigError(
+            f"teachers.{i}: '{teacher.name}' has no {kind} class names in its repo, so its "
+            f"classes were numbered 0..{len(numbered.classes) - 1}; merged with the other teachers by "
+            "those numbers they would mix unrelated classes. Name them with classes: [...] (or "
+            f"{{index: name}}) in teachers.{i}. The teachers' classes now: {listing}")
+
+
 def common_input_spec(teachers: Sequence[Teacher]) -> InputSpec:
     """The input spec all teachers share (channels and size), or a clear error."""
     first = teachers[0]

@@ -79,8 +79,10 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
     if isinstance(named, dict):
         named = {int(k): str(v) for k, v in named.items()}
         labels = [named.get(i, str(i)) for i in range(head)]
+        unnamed = {i for i in range(head) if i not in named}
     else:
         labels = [str(n) for n in named] or [str(i) for i in range(head)]
+        unnamed = set() if named else set(range(head))
     if classes is None:
         indices, names = list(range(head)), labels
     elif isinstance(classes, dict):
@@ -96,7 +98,9 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
                      tuple(cfg.get("mean") or (0.5,)), tuple(cfg.get("std") or (0.5,)))
     kwargs = {"model_name": config["architecture"], "model_args": config.get("model_args") or
               {"num_classes": head}, "class_indices": indices}
-    model = KamalModel("timm", [ClassificationTask(task_name, names)], spec, kwargs)
+    task = ClassificationTask(task_name, names)
+    task.guessed_names = classes is None and bool(unnamed)
+    model = KamalModel("timm", [task], spec, kwargs)
     try:
         model.net.model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     except (RuntimeError, OSError) as exc:

@@ -48,6 +48,9 @@ class NamedClassesTask(Task):
     """
 
     classes: list[str]  # one name per output channel, in channel order
+    # True when the names were made up from output indices ("0", "1", ...) because the repo
+    # had none: such names say nothing, so they must never be merged with another teacher's
+    guessed_names: bool = False
 
     def __init__(self, name: str, classes: Sequence[str]) -> None:
         super().__init__(name)
