@@ -172,3 +172,41 @@ def test_a_failing_finish_exits_with_an_error_and_resume_writes_the_outputs(
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "report.json").read_text())["student"] == report["student"]
     assert (tmp_path / "run" / "loss.png").exists()
+
+
+def test_setup_reads_a_bounded_sample_of_the_transfer_data(tmp_path, tiny_teachers, capfd):
+    import types
+
+    from kamal.algorithms.kd import KDAmalgamator
+    from kamal.plugins import register_plugin, unregister_plugin
+    from kamal.testing import write_run_config
+
+    seen: list[int] = []
+
+    class Counting(KDAmalgamator):
+        """kd that counts the images its setup reads."""
+
+        name = "counting-kd"
+
+        class Config(kamal.KDTermConfig):
+            """kd's fields."""
+
+            name: str = "counting-kd"
+
+        def setup(self, student, transfer_images):
+            batches = list(transfer_images)
+            seen.append(sum(len(b) for b in batches))
+            super().setup(student, batches)
+
+    plugin = types.SimpleNamespace(register_amalgamators=kamal.hookimpl(
+        lambda register: register("counting-kd", Counting)))
+    register_plugin(plugin, "counting-test")
+    try:
+        config = write_run_config(tmp_path / "c.yaml", tiny_teachers, {"name": "counting-kd"}, epochs=1)
+        kamal.amalgamate(config, tmp_path / "a", overrides=["train.calibration_images=100"])
+        kamal.amalgamate(config, tmp_path / "b", progress=False)
+    finally:
+        unregister_plugin("counting-test")
+    transfer = len(build_dataset("digits", "transfer", {"size": 8}))
+    assert seen == [100, transfer] and transfer > 100
+    assert f"setup reads 100 of {transfer} transfer images (train.calibration_images)" in capfd.readouterr().err

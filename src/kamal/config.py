@@ -133,6 +133,10 @@ class AmalgamationTrainConfig(TrainConfig):
     teacher_channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="Run convolutional teachers in channels-last memory format. "
         "auto: on where measured faster (CPU).")
+    calibration_images: int = Field(
+        4096, ge=1, description="Transfer images the algorithm's setup (merge calibration, "
+        "block sizing) reads: a fixed random sample when the transfer data is larger, so the "
+        "teachers' work before the first step stays bounded.")
 
     @field_validator("teacher_cache", mode="before")
     @classmethod

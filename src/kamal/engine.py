@@ -153,6 +153,7 @@ class Trainer:
         # for tests: behave as if Ctrl-C arrived after this many steps of this session
         self.interrupt_after_steps = interrupt_after_steps
         self._session_steps = 0
+        self.first_step_time: float | None = None  # perf_counter() when this session's first step ended
         self._start_norm = math.inf
         self.samples = dataset  # every training sample; ``dataset`` is what fit() trains on
         self.dataset: Dataset = dataset
@@ -303,6 +304,8 @@ class Trainer:
             if bad is None:
                 total.backward()  # type: ignore[union-attr]
             self._session_steps += 1
+            if self.first_step_time is None:
+                self.first_step_time = time.perf_counter()
             if self._session_steps == self.interrupt_after_steps:
                 stop.requested = True
             halt = stop.requested

@@ -9,6 +9,8 @@ module only wires them together and writes the run's outputs.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .data.base import ImageDataset
 from .data.views import (
     IndexedView,
     UnlabeledView,
+    calibration_sample,
     check_data_matches,
     check_label_names,
     dataset_from_ref,
@@ -57,6 +60,7 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
 
 def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: list[str] | None,
                 resume: bool, progress: bool, interrupt_after_steps: int | None) -> dict[str, Any]:
+    started = time.perf_counter()
     cfg, base_dir = load_config(RunConfig, config_path, overrides)
     cls, algo_cfg = _load_amalgamator(cfg)
     distributed.check_global_batch(cfg.train.batch_size)
@@ -88,7 +92,11 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     resolved = _resolved_config(cfg, teachers, base_dir)
     if resume:
         check_resume_matches(out, resolved)
-    amalgamator.setup(student, image_batches(transfer))
+    calibration = calibration_sample(transfer, cfg.train.calibration_images, cfg.train.seed)
+    if len(calibration) < len(transfer) and progress and distributed.is_main_process():
+        print(f"kamal: setup reads {len(calibration)} of {len(transfer)} transfer images "
+              "(train.calibration_images)", file=sys.stderr)
+    amalgamator.setup(student, image_batches(calibration))
     if distributed.is_main_process():
         (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
@@ -116,6 +124,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
                                    if step.cache else {"mode": "off", "bytes": 0})
         report["teacher_execution"] = step.runner.describe()
+        report["timing"] = {"seconds_to_first_step": None if trainer.first_step_time is None
+                            else round(trainer.first_step_time - started, 3)}
         provenance = {"algorithm": amalgamator.name, "hyperparameters": amalgamator.describe(),
                       "teachers": [{"name": t.name, **t.source} for t in teachers]}
         step_name = "saving the student model repo"

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import ConfigError, RegistryError
 from ..tasks.classification import NamedClassesTask
@@ -54,6 +55,17 @@ class IndexedView(SampleView):
 def image_batches(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
     """The dataset's images in order, in batches, without labels."""
     yield from DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False)
+
+
+def calibration_sample(dataset: Dataset, count: int, seed: int) -> Dataset:
+    """At most ``count`` samples of ``dataset``: all of them, or a fixed random subset (in
+    index order) drawn from ``seed``."""
+    total = len(dataset)  # type: ignore[arg-type]
+    if total <= count:
+        return dataset
+    generator = torch.Generator().manual_seed(seed + 15485863)
+    chosen = torch.randperm(total, generator=generator)[:count].sort().values.tolist()
+    return Subset(dataset, chosen)
 
 
 def dataset_from_ref(ref: DataRef, key: str) -> ImageDataset:
