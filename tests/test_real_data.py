@@ -209,4 +209,5 @@ def test_setup_reads_a_bounded_sample_of_the_transfer_data(tmp_path, tiny_teache
         unregister_plugin("counting-test")
     transfer = len(build_dataset("digits", "transfer", {"size": 8}))
     assert seen == [100, transfer] and transfer > 100
-    assert f"setup reads 100 of {transfer} transfer images (train.calibration_images)" in capfd.readouterr().err
+    message = f"setup reads 100 of {transfer} transfer images (train.calibration_images)"
+    assert message in capfd.readouterr().err
