@@ -95,6 +95,9 @@ class KamalModel(Student):
             self.net = _call_builder(architecture, arch, self.architecture_kwargs,
                                      num_outputs=self.tasks[0].num_outputs,
                                      in_channels=input_spec.channels)
+        # architectures whose layers depend on the model built (timm) name them on the network
+        self.head_layer = self.head_layer or getattr(self.net, "head_layer", None)
+        self.feature_layers = self.feature_layers or list(getattr(self.net, "feature_layers", []))
         channels = input_spec.channels
         mean = torch.tensor(_per_channel(input_spec.mean, channels)).view(1, -1, 1, 1)
         std = torch.tensor(_per_channel(input_spec.std, channels)).view(1, -1, 1, 1)

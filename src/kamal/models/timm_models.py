@@ -46,6 +46,13 @@ class TimmClassifier(nn.Module):
         if len(self.class_indices) != num_outputs or any(
                 not 0 <= i < head for i in self.class_indices):
             raise ValueError(f"class_indices must be {num_outputs} indices in [0, {head})")
+        # the classifier module, as timm's pretrained_cfg names it (e.g. fc, head)
+        classifier = str((getattr(self.model, "pretrained_cfg", None) or {}).get("classifier") or "")
+        modules = dict(self.model.named_modules())
+        self.head_layer = f"model.{classifier}" if classifier in modules else None
+        # the model's top-level blocks with weights, shallow to deep
+        self.feature_layers = [f"model.{name}" for name, module in self.model.named_children()
+                               if name != classifier and any(True for _ in module.parameters())]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)[:, self.class_indices]

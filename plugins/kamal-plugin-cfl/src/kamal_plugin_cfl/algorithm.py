@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from kamal import Amalgamator, Batch, FeatureRequest, FeatureTap, KamalError, KDTerm, Student
 
-from .blocks import CommonFeatureBlock, build_block
+from .blocks import CommonFeatureBlock, as_features, build_block
 from .config import HEAD, CFLConfig
 from .losses import mmd_rbf, reconstruction_loss
 
@@ -104,9 +104,10 @@ class CFLAmalgamator(Amalgamator):
         assert self.student is not None
         cfg = self.config
         losses = self.kd(batch)
-        common = self.block(batch.student_features[self.student_layer],
-                            [f[layer] for f, layer in zip(batch.teacher_features,
-                                                          self.teacher_layers, strict=True)])
+        common = self.block(self._student_feature(batch.student_features),
+                            [as_features(f[layer], f"teacher '{t.name}'", layer)
+                             for f, t, layer in zip(batch.teacher_features, self.teachers,
+                                                    self.teacher_layers, strict=True)])
         mmd = sum((mmd_rbf(common.student, h, cfg.sigmas, cfg.normalize, cfg.kernel_reduction)
                    for h in common.teachers), start=common.student.new_zeros(()))
         losses["mmd"] = self._capped(cfg.mmd_weight * mmd, dict(losses), batch)
@@ -140,6 +141,9 @@ class CFLAmalgamator(Amalgamator):
         scale = (ratio * g_kd.norm() / g_mmd.norm().clamp_min(1e-12)).clamp(max=1.0)
         return mmd * scale.detach()
 
+    def _student_feature(self, features: dict[str, Tensor]) -> Tensor:
+        return as_features(features[self.student_layer], "the student", self.student_layer)
+
     @torch.no_grad()
     def _features(self, images: list[Tensor], device: torch.device, student_too: bool = True,
                   prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -160,12 +164,12 @@ class CFLAmalgamator(Amalgamator):
                                                          strict=True)):
                     with FeatureTap(teacher.model.features, [layer], teacher.name) as tap:
                         teacher(batch)
-                    feature = tap.features[layer]
+                    feature = as_features(tap.features[layer], f"teacher '{teacher.name}'", layer)
                     teacher_parts[i].append(self.block.prepare(feature) if prepared else feature)
                 if student_too:
                     with FeatureTap(self.student.features, [self.student_layer], "student") as tap:
                         self.student(batch)
-                    student_parts.append(tap.features[self.student_layer])
+                    student_parts.append(self._student_feature(tap.features))
         finally:
             self.student.train(was_training)
         student = torch.cat(student_parts) if student_parts else torch.empty(0)

@@ -9,12 +9,15 @@ applied to every aligned feature (its output is the common feature ``h``), and o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kamal import KamalError
 
 
 @dataclass
@@ -177,6 +180,31 @@ class ConvBlock(CommonFeatureBlock):
     def _decoder(self, channels: int) -> nn.Module:
         return nn.Sequential(nn.Conv2d(self.hidden, self.hidden, 1), nn.BatchNorm2d(self.hidden),
                              nn.ReLU(inplace=True), nn.Conv2d(self.hidden, channels, 1))
+
+
+MAX_PREFIX_TOKENS = 8  # class and register tokens ahead of a ViT's patch tokens
+
+
+def as_features(feature: Tensor, owner: str, layer: str) -> Tensor:
+    """A tapped feature as cfl uses it: a pooled vector ``(N, C)`` or a map ``(N, C, H, W)``.
+
+    ViT tokens ``(N, T, C)`` become a map when ``T`` is a square patch grid after at most
+    :data:`MAX_PREFIX_TOKENS` leading class/register tokens (which are dropped); any other
+    shape is a one-line error naming ``owner``, ``layer`` and the shape.
+    """
+    if feature.dim() in (2, 4):
+        return feature
+    if feature.dim() == 3:
+        n, tokens, channels = feature.shape
+        grid = math.isqrt(tokens)
+        prefix = tokens - grid * grid
+        if grid > 0 and prefix <= MAX_PREFIX_TOKENS:
+            return feature[:, prefix:].transpose(1, 2).reshape(n, channels, grid, grid)
+    raise KamalError(
+        f"cfl: {owner}'s layer '{layer}' gives features shaped {tuple(feature.shape)}; cfl "
+        "accepts pooled vectors (N, C), feature maps (N, C, H, W) or ViT tokens (N, T, C) on a "
+        f"square patch grid (after at most {MAX_PREFIX_TOKENS} class/register tokens). Choose "
+        "another layer with algorithm.layer / algorithm.teacher_layers")
 
 
 def build_block(student_shape: Sequence[int], teacher_shapes: Sequence[Sequence[int]],
