@@ -67,3 +67,14 @@ def bench(session: nox.Session) -> None:
     _install_everything(session)
     for script in session.posargs or ("startup.py", "speed.py", "quality.py"):
         session.run("python", str(ROOT / "benchmarks" / script))
+
+
+@nox.session(python="3.11")
+def quality(session: nox.Session) -> None:
+    """Not in CI (minutes): every bundled algorithm on its example, seed 0, one thread (so
+    the figures are reproducible); fails when one is below its floor (benchmarks/quality.py
+    FLOORS). Writes the "quality" key of docs/benchmarks.json and re-renders the regions of
+    the docs that quote it."""
+    _install_everything(session)
+    session.run("python", str(ROOT / "benchmarks" / "quality.py"), "--check", *session.posargs,
+                env={"OMP_NUM_THREADS": "1"})

@@ -23,7 +23,7 @@ class KDConfig(AmalgamatorConfig):
     name: Literal["kd"] = "kd"
     temperature: float = Field(
         1.0, gt=0, description="Softmax temperature T of the KL loss. A higher T flattens the "
-        "teachers' relative weights in the merged distribution (digits: T=4 86.5%, T=1 90.9%).")
+        "teachers' relative weights in the merged distribution.")
     merge: Literal["standardize", "naive"] = Field(
         "standardize", description="How teacher logits are merged: 'standardize' weighs each "
         "teacher by its confidence z-scored on the transfer data (see kamal.merging); 'naive' "
