@@ -171,7 +171,8 @@ def render_all(check: bool = False) -> list[Path]:
 
 def regions_outside(text: str) -> str:
     """``text`` with every region's body removed (what the figure lint reads)."""
-    return REGION.sub(lambda m: f"<!-- {m['name']}:begin --><!-- {m['name']}:end -->", text)
+    return REGION.sub(lambda m: f"<!-- {m['name']}:begin -->" + "\n" * m["body"].count("\n")
+                      + f"<!-- {m['name']}:end -->", text)
 
 
 # --- the regions -----------------------------------------------------------------------
@@ -391,6 +392,10 @@ def _layerwise_digits(data: dict[str, Any]) -> str:
              f"| `layerwise`, `joint` (the example) | **{_top1s(joint)}** |",
              f"| `layerwise`, `progressive` (3 x 5 + 25, `finetune: all`) | "
              f"{_variant_top1(data, 'layerwise', 'progressive')} |",
+             f"| `layerwise`, `progressive`, 3 x 5 + 15, `finetune: all` | "
+             f"{_variant_top1(data, 'layerwise', 'progressive-15')} |",
+             f"| `layerwise`, `progressive`, 3 x 5 + 15, `finetune: head` | "
+             f"{_variant_top1(data, 'layerwise', 'progressive-15-head')} |",
              f"| `kd` on the same teachers | {_variant_top1(data, 'layerwise', 'kd')} |",
              f"| teachers' ensemble, `standardize` | {_top1s(joint, 'ensemble')} |",
              f"| teachers' ensemble, `naive` | {_top1s(joint, 'ensemble_naive')} |"]
@@ -488,3 +493,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@region("recombination-summary")
+def _recombination_summary(data: dict[str, Any]) -> str:
+    runs = example(data, "recombination")["runs"]
+    top1 = statistics.mean(r["student"] for r in runs)
+    share = max(r["student_params"] / r["combined_params"] for r in runs)
+    ens = runs[0]["ensemble"]
+    text = (f"The student keeps at most {share:.1%} of the combined network's parameters and "
+            f"reaches {pct(top1, 2)} against the calibrated ensemble's {pct(ens, 2)} "
+            f"({100 * (top1 - ens):+.2f} points)")
+    try:
+        fresh = variant(data, "recombination", "kd-w16")["runs"][0]["student"]
+        word = "beats" if top1 > fresh else "does not beat"
+        text += (f"; starting from the teachers' weights {word} distilling into a fresh network "
+                 f"of about the same size ({pct(fresh, 2)})")
+    except Missing:
+        pass
+    return text + "."

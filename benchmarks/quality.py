@@ -99,6 +99,13 @@ VARIANTS: dict[str, dict[str, tuple[str, str, list[str]]]] = {
     "layerwise": {
         "progressive": ("`layerwise`, `progressive` (3 x 5 + 25, `finetune: all`)",
                         "digits/layerwise.yaml", ["algorithm.schedule=progressive"]),
+        "progressive-15": ("`layerwise`, `progressive`, 3 x 5 + 15, `finetune: all`",
+                           "digits/layerwise.yaml",
+                           ["algorithm.schedule=progressive", "algorithm.head_epochs=15"]),
+        "progressive-15-head": ("`layerwise`, `progressive`, 3 x 5 + 15, `finetune: head`",
+                                "digits/layerwise.yaml",
+                                ["algorithm.schedule=progressive", "algorithm.head_epochs=15",
+                                 "algorithm.finetune=head"]),
         "kd": ("`kd` on the same teachers", "digits/kd.yaml",
                ["teachers.1.path=teachers/digits-5-9-cnn"]),
     },
