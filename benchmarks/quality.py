@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict[str, tuple[str, str, list[str]]]] = {
         "ke-block3": ("`cfl`, KamalEngine's setting, `block3`", "digits/cfl.yaml", KAMALENGINE),
         "ke-head": ("`cfl`, KamalEngine's setting, `<head>:in`", "digits/cfl.yaml",
                     [*KAMALENGINE, HEAD]),
+        "head-naive": ("`cfl`, robust defaults, `<head>:in`, `merge: naive`", "digits/cfl.yaml",
+                       [HEAD, "algorithm.merge=naive"]),
         "ke-head-naive": ("`cfl`, KamalEngine's setting, `<head>:in`, `merge: naive`",
                           "digits/cfl.yaml", [*KAMALENGINE, HEAD, "algorithm.merge=naive"]),
         # KamalEngine's setting with one switch at a time, then the robust combinations
