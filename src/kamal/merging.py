@@ -2,8 +2,9 @@
 
 Teachers trained separately are not calibrated to each other: one teacher's logits can be
 several times larger than another's, and a naive concatenation then lets that teacher win
-the joint softmax even on images it knows nothing about (measured on kamal's own digits
-teachers in the "merges" region of docs/benchmarks.md, written by benchmarks/quality.py).
+the joint softmax even on images it knows nothing about (on kamal's own digits teachers:
+the "ensemble (naive)" column of the Quality section of docs/benchmarks.md, written by
+benchmarks/quality.py).
 
 ``standardize`` (the default) treats the teachers as a mixture of experts and needs no
 labels. Each teacher ``i`` gives class probabilities *given that the image is one of its
