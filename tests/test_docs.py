@@ -110,3 +110,23 @@ def test_the_figure_lint_sees_what_it_must():
         assert FIGURE.search(text), text
     for text in ("arXiv:1906.10546", "10x louder", "lr 2e-3", "budget 0.5", "23,733 params"):
         assert not FIGURE.search(text), text
+
+
+def test_quality_floors_are_decided_by_the_measurements():
+    import quality
+
+    def run(student, params=23_000, combined=48_000):
+        return {"student": student, "student_params": params, "combined_params": combined}
+
+    data = {"examples": {
+        "kd": {"algorithm": "kd", "runs": [run(0.95), run(0.89)]},  # the worst seed counts
+        "recombination": {"algorithm": "recombination", "runs": [run(0.95, params=25_000)]},
+        "layerwise": {"algorithm": "layerwise", "runs": [run(0.93)]}}}
+    floors = quality.floors(data)
+    assert not floors["kd"]["met"] and floors["kd"]["top1"] == 0.89
+    assert not floors["recombination"]["met"]  # accurate, but above half the parameters
+    assert floors["layerwise"]["met"]
+    committed = _regions.load()["benchmarks"]["quality"]
+    assert quality.floors(committed) == committed["floors"]
+    assert all(entry["met"] for entry in committed["floors"].values())
+    assert set(committed["floors"]) == set(quality.FLOORS)  # every bundled algorithm measured
