@@ -83,3 +83,14 @@ def build(session: nox.Session) -> None:
         session.run("python", "-m", "build", "--outdir", str(dist), project)
     session.run("twine", "check", "--strict", *sorted(str(p) for p in dist.iterdir()))
     session.run("python", str(ROOT / "tools" / "check_wheels.py"), str(dist))
+
+
+@nox.session(python="3.11")
+def quality(session: nox.Session) -> None:
+    """Not in CI (minutes): every bundled algorithm on its example, seed 0, one thread (so
+    the figures are reproducible); fails when one is below its floor (benchmarks/quality.py
+    FLOORS). Writes the "quality" key of docs/benchmarks.json and re-renders the regions of
+    the docs that quote it."""
+    _install_everything(session)
+    session.run("python", str(ROOT / "benchmarks" / "quality.py"), "--check", *session.posargs,
+                env={"OMP_NUM_THREADS": "1"})

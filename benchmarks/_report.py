@@ -1,7 +1,7 @@
-"""Shared by the benchmark scripts: each rewrites only its own marked section of
-docs/benchmarks.md (``<!-- name:begin -->`` ... ``<!-- name:end -->``) and its own key of
-docs/benchmarks.json, stamped with the command, the date and the machine. Text outside the
-markers is kept as written.
+"""Shared by the benchmark scripts: each writes only its own key of docs/benchmarks.json,
+stamped with the command, the date and the machine, then re-renders every marked region
+(``<!-- name:begin -->`` ... ``<!-- name:end -->``) of the Markdown files from the JSON
+(benchmarks/_regions.py). Text outside the markers is kept as written.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,19 +52,23 @@ def stamp(info: dict[str, Any]) -> str:
             f"{info['machine']['load_average_1min']} at the end._")
 
 
-def update(section: str, markdown: str, data: dict[str, Any]) -> None:
-    """Replace (or append) ``section`` in docs/benchmarks.md and its key in the JSON file."""
+def update_json(section: str, data: dict[str, Any]) -> None:
+    """Replace ``section``'s key in docs/benchmarks.json, stamped with command, date, machine."""
     info = {"command": command(), "date": _dt.date.today().isoformat(), "machine": machine()}
-    block = (f"<!-- {section}:begin -->\n{markdown.rstrip()}\n\n{stamp(info)}\n"
-             f"<!-- {section}:end -->")
-    text = MARKDOWN.read_text() if MARKDOWN.exists() else HEADER
-    pattern = re.compile(rf"<!-- {re.escape(section)}:begin -->.*?<!-- {re.escape(section)}:end -->",
-                         re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    MARKDOWN.write_text(text)
     everything = json.loads(JSON_FILE.read_text()) if JSON_FILE.exists() else {}
     everything[section] = {**info, **data}
     JSON_FILE.write_text(json.dumps(everything, indent=1) + "\n")
+
+
+def update(section: str, markdown: str, data: dict[str, Any]) -> None:
+    """Store ``section``'s data and the Markdown its script built from it (kept in the JSON as
+    ``markdown``: the region renders it with the stamp), then re-render every region; the
+    section is appended to docs/benchmarks.md when it has no region there yet."""
+    update_json(section, {**data, "markdown": markdown.rstrip()})
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else HEADER
+    if f"<!-- {section}:begin -->" not in text:
+        MARKDOWN.write_text(text.rstrip() + f"\n\n<!-- {section}:begin -->\n"
+                            f"<!-- {section}:end -->\n")
+    import _regions
+
+    _regions.render_all()

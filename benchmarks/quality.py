@@ -1,16 +1,26 @@
-"""Quality of every installed algorithm beside its teachers, their ensemble and a supervised
-student of the same architecture: the digits examples (3 seeds) and sbm on scenes.
-Rewrites the "quality" section of docs/benchmarks.md and its key in docs/benchmarks.json.
+"""Quality of every installed algorithm beside its teachers, their ensembles and a supervised
+student of the same architecture: the digits examples and sbm on scenes, each with a fixed
+seed, checked against quality floors; and, on request, named variants (ablations) per
+algorithm.
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--scene-seeds 0] [--epochs N] [--only kd ...]
+    python benchmarks/quality.py [--seeds 0] [--scene-seeds 0] [--epochs N] [--only kd ...]
+                                 [--check]
+    python benchmarks/quality.py --variants cfl [kd ...] [--seeds 0]
 
-``--epochs`` overrides every run's ``train.epochs`` (quick checks; the table then says so).
+The first form writes the "quality" key of docs/benchmarks.json (``nox -s quality`` runs it
+with ``--check``: the run fails when an algorithm is below its floor in ``FLOORS``). The
+second runs the variants listed in ``VARIANTS`` for those groups (``cfl:ke-head`` runs one)
+and merges them into that group's results file (``RESULTS``). After either, every marked
+region of README.md, docs/ and the plugins' READMEs is re-rendered from the JSON
+(benchmarks/_regions.py). ``--epochs`` overrides every run's ``train.epochs`` (quick checks:
+then nothing is written).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime as _dt
+import json
 import sys
 import tempfile
 import time
@@ -25,6 +35,102 @@ DIGITS = ROOT / "examples" / "digits"
 SCENES = ROOT / "examples" / "scenes"
 SUPERVISED = DIGITS / "supervised.yaml"
 
+# The floors of issue 18: top-1 on the digits test split; recombination also within half of
+# the combined network's parameters; sbm relative to its teachers on scenes.
+FLOORS: dict[str, dict[str, float]] = {
+    "kd": {"top1": 0.90},
+    "cfl": {"top1": 0.90},
+    "layerwise": {"top1": 0.92},
+    "recombination": {"top1": 0.91, "params_fraction": 0.50},
+    "sbm": {"miou_vs_teacher": 0.95, "rmse_vs_teacher": 1.05},
+}
+
+KAMALENGINE = ["algorithm.kernel_reduction=sum", "algorithm.mmd_weight=10",
+               "algorithm.min_hidden=1", "algorithm.standardize_features=false",
+               "algorithm.feature_grad_ratio=null"]
+HEAD = "algorithm.layer=<head>:in"
+# group -> variant id -> (label, example config, overrides). Group = the plugin (or kd)
+# whose documentation quotes them; each group's results go to RESULTS[group].
+VARIANTS: dict[str, dict[str, tuple[str, str, list[str]]]] = {
+    "kd": {
+        "naive": ("`kd`, `merge: naive` (KamalEngine's concatenation)", "digits/kd.yaml",
+                  ["algorithm.merge=naive"]),
+    },
+    "cfl": {
+        "head": ("`cfl`, robust defaults, FC block on `<head>:in`", "digits/cfl.yaml", [HEAD]),
+        "ke-block3": ("`cfl`, KamalEngine's setting, `block3`", "digits/cfl.yaml", KAMALENGINE),
+        "ke-head": ("`cfl`, KamalEngine's setting, `<head>:in`", "digits/cfl.yaml",
+                    [*KAMALENGINE, HEAD]),
+        "head-naive": ("`cfl`, robust defaults, `<head>:in`, `merge: naive`", "digits/cfl.yaml",
+                       [HEAD, "algorithm.merge=naive"]),
+        "ke-head-naive": ("`cfl`, KamalEngine's setting, `<head>:in`, `merge: naive`",
+                          "digits/cfl.yaml", [*KAMALENGINE, HEAD, "algorithm.merge=naive"]),
+        # KamalEngine's setting with one switch at a time, then the robust combinations
+        "ke-head-mean": ("KamalEngine's setting + kernel mean", "digits/cfl.yaml",
+                         [*KAMALENGINE, HEAD, "algorithm.kernel_reduction=mean"]),
+        "ke-head-floor": ("KamalEngine's setting + hidden floor 64", "digits/cfl.yaml",
+                          [*KAMALENGINE, HEAD, "algorithm.min_hidden=64"]),
+        "ke-head-std": ("KamalEngine's setting + standardised teacher features",
+                        "digits/cfl.yaml",
+                        [*KAMALENGINE, HEAD, "algorithm.standardize_features=true"]),
+        "three-mmd10": ("all three, MMD weight 10, no cap", "digits/cfl.yaml",
+                        [HEAD, "algorithm.mmd_weight=10", "algorithm.feature_grad_ratio=null"]),
+        "three-mmd1": ("all three, MMD weight 1, no cap", "digits/cfl.yaml",
+                       [HEAD, "algorithm.feature_grad_ratio=null"]),
+        "three-mmd10-cap": ("all three, MMD weight 10, gradient cap 1", "digits/cfl.yaml",
+                            [HEAD, "algorithm.mmd_weight=10"]),
+        "w8-mmd10-nocap": ("student width 8, MMD weight 10, no cap", "digits/cfl.yaml",
+                           [HEAD, "student.architecture_kwargs.width=8",
+                            "algorithm.mmd_weight=10", "algorithm.feature_grad_ratio=null"]),
+        "w8-mmd10-cap": ("student width 8, MMD weight 10, gradient cap 1", "digits/cfl.yaml",
+                         [HEAD, "student.architecture_kwargs.width=8",
+                          "algorithm.mmd_weight=10"]),
+        "kd-w8": ("`kd`, student width 8", "digits/kd.yaml",
+                  ["student.architecture_kwargs.width=8"]),
+        "robust-w8": ("`cfl` robust, student width 8", "digits/cfl.yaml",
+                      ["student.architecture_kwargs.width=8"]),
+        "ke-w8": ("`cfl` KamalEngine's setting, student width 8", "digits/cfl.yaml",
+                  [*KAMALENGINE, "student.architecture_kwargs.width=8"]),
+        "kd-w64": ("`kd`, student width 64", "digits/kd.yaml",
+                   ["student.architecture_kwargs.width=64"]),
+        "robust-w64": ("`cfl` robust, student width 64", "digits/cfl.yaml",
+                       ["student.architecture_kwargs.width=64"]),
+        "ke-w64": ("`cfl` KamalEngine's setting, student width 64", "digits/cfl.yaml",
+                   [*KAMALENGINE, "student.architecture_kwargs.width=64"]),
+    },
+    "layerwise": {
+        "progressive": ("`layerwise`, `progressive` (3 x 5 + 25, `finetune: all`)",
+                        "digits/layerwise.yaml", ["algorithm.schedule=progressive"]),
+        "progressive-15": ("`layerwise`, `progressive`, 3 x 5 + 15, `finetune: all`",
+                           "digits/layerwise.yaml",
+                           ["algorithm.schedule=progressive", "algorithm.head_epochs=15"]),
+        "progressive-15-head": ("`layerwise`, `progressive`, 3 x 5 + 15, `finetune: head`",
+                                "digits/layerwise.yaml",
+                                ["algorithm.schedule=progressive", "algorithm.head_epochs=15",
+                                 "algorithm.finetune=head"]),
+        "kd": ("`kd` on the same teachers", "digits/kd.yaml",
+               ["teachers.1.path=teachers/digits-5-9-cnn"]),
+    },
+    "recombination": {
+        "random": ("recombination, `importance: random`", "digits/recombination.yaml",
+                   ["algorithm.importance=random"]),
+        "kd-w16": ("`kd` into a fresh `small-cnn` w16 (same teachers, 32 epochs, lr 1e-3)",
+                   "digits/kd.yaml", ["teachers.1.path=teachers/digits-5-9-cnn",
+                                      "student.architecture_kwargs.width=16", "train.epochs=32",
+                                      "train.optimizer.lr=0.001"]),
+    },
+    "sbm": {
+        "scratch": ("sbm, `init: scratch`", "scenes/sbm.yaml", ["algorithm.init=scratch"]),
+        "shared": ("sbm, `branches: {segmentation: 3, depth: 3}` (whole decoder shared, no "
+                   "search)", "scenes/sbm.yaml",
+                   ["algorithm.branches={segmentation: 3, depth: 3}"]),
+        "gates": ("sbm, `gate_l1: 0.1`", "scenes/sbm.yaml", ["algorithm.gate_l1=0.1"]),
+    },
+}
+RESULTS = {"kd": ROOT / "docs" / "results" / "kd.json",
+           **{name: ROOT / "plugins" / f"kamal-plugin-{name}" / "results.json"
+              for name in ("cfl", "layerwise", "recombination", "sbm")}}
+
 
 def _only_metric(metrics: dict[str, dict[str, float]], name: str) -> float | None:
     """The value of metric ``name`` in whichever task reports it."""
@@ -34,77 +140,10 @@ def _only_metric(metrics: dict[str, dict[str, float]], name: str) -> float | Non
     return None
 
 
-def _timed(fn, *args, **kwargs) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
-def _mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
-
-
 def _algorithm(config: Path) -> str | None:
     import yaml
 
     return (yaml.safe_load(config.read_text()).get("algorithm") or {}).get("name")
-
-
-def digits(tmp: Path, seeds: list[int], overrides: list[str], only: set[str] | None
-           ) -> tuple[list[str], dict[str, Any]]:
-    """Every installed algorithm's digits example, the supervised reference."""
-    from kamal import amalgamate, train
-    from kamal.plugins import get_registry
-
-    installed = set(get_registry().names("amalgamators"))
-    sup_runs = []
-    for seed in seeds:
-        report, seconds = _timed(train, SUPERVISED, tmp / f"supervised{seed}", progress=False,
-                                 overrides=[*overrides, f"train.seed={seed}"])
-        sup_runs.append({"seed": seed, "top1": report["model"]["metrics"]["digits"]["top1"],
-                         "seconds": round(seconds, 1)})
-    supervised = [r["top1"] for r in sup_runs]
-    rows, data = [], {"supervised": sup_runs, "examples": {}}
-    for config in sorted(DIGITS.glob("*.yaml")):
-        algorithm = _algorithm(config)
-        if algorithm not in installed or (only and algorithm not in only):
-            continue
-        runs = []
-        for seed in seeds:
-            report, seconds = _timed(amalgamate, config, tmp / f"{config.stem}{seed}",
-                                     progress=False, overrides=[*overrides, f"train.seed={seed}"])
-            runs.append({"seed": seed, "seconds": round(seconds, 1),
-                         "student": report["student"]["metrics"]["digits"]["top1"],
-                         "ensemble": _only_metric(report["ensemble"]["metrics"], "top1"),
-                         "teachers": {t["name"]: _only_metric(t["metrics"], "top1")
-                                      for t in report["teachers"]},
-                         "student_params": report["student"]["params"],
-                         "teacher_cache": report.get("teacher_cache")})
-        data["examples"][config.stem] = {"algorithm": algorithm, "runs": runs}
-        students = [r["student"] for r in runs]
-        ensembles = [r["ensemble"] for r in runs]
-        teachers = " / ".join(f"{name} {value:.3f}" for name, value in runs[0]["teachers"].items())
-        architecture = _student_architecture(config)
-        reference = (_mean_sd(supervised) if architecture == _student_architecture(SUPERVISED,
-                                                                                    "model")
-                     else "– (no same-architecture reference)")
-        rows.append(f"| {config.stem} | {algorithm} | **{_mean_sd(students)}** | "
-                    f"{_mean_sd(ensembles)} | {reference} | {teachers} | "
-                    f"{runs[0]['student_params']:,} | {statistics.median(r['seconds'] for r in runs):.0f} |")
-    lines = [
-        "### Digits (10 classes, test split, top-1)",
-        "",
-        f"Seeds {seeds}, mean ± population sd. Students learn from two teachers (digits 0-4 and "
-        "5-9) on the unlabeled transfer split; the supervised reference is the student's "
-        "architecture (small-cnn w24) trained with every label of the train split "
-        "(`examples/digits/supervised.yaml`). Teachers are scored on their own five classes.",
-        "",
-        "| example | algorithm | KA student | teachers' ensemble | supervised, same "
-        "architecture | teachers (own classes) | student params | s/run |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]
-    return lines, data
 
 
 def _student_architecture(config: Path, section: str = "student") -> tuple[str, str]:
@@ -114,70 +153,181 @@ def _student_architecture(config: Path, section: str = "student") -> tuple[str, 
     return block["architecture"], str(sorted((block.get("architecture_kwargs") or {}).items()))
 
 
-def scenes(tmp: Path, seeds: list[int], overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """sbm on scenes: segmentation and depth of the student beside its two teachers."""
+def run_once(config: Path, out: Path, overrides: list[str], seed: int) -> dict[str, Any]:
+    """One amalgamation run: everything the documentation quotes from its report."""
     from kamal import amalgamate
 
-    config = SCENES / "sbm.yaml"
-    runs = []
+    start = time.perf_counter()
+    report = amalgamate(config, out, progress=False, overrides=[*overrides, f"train.seed={seed}"])
+    seconds = time.perf_counter() - start
+    run: dict[str, Any] = {"seed": seed, "seconds": round(seconds, 1),
+                           "student_params": report["student"]["params"],
+                           "student_metrics": report["student"]["metrics"],
+                           "teachers": {t["name"]: {"metrics": t["metrics"], "params": t["params"]}
+                                        for t in report["teachers"]}}
+    for key in ("ensemble", "ensemble_naive", "ensemble_standardize"):
+        if key in report:
+            run[key] = _only_metric(report[key]["metrics"], "top1")
+    top1 = _only_metric(report["student"]["metrics"], "top1")
+    if top1 is not None:
+        run["student"] = top1
+    combined = (report.get("hyperparameters") or {}).get("combined_params")
+    if combined:
+        run["combined_params"] = combined
+    return run
+
+
+def digits(tmp: Path, seeds: list[int], overrides: list[str], only: set[str] | None
+           ) -> dict[str, Any]:
+    """Every installed algorithm's digits example and the supervised reference."""
+    from kamal import train
+    from kamal.plugins import get_registry
+
+    installed = set(get_registry().names("amalgamators"))
+    sup_runs = []
     for seed in seeds:
-        report, seconds = _timed(amalgamate, config, tmp / f"sbm{seed}", progress=False,
-                                 overrides=[*overrides, f"train.seed={seed}"])
-        runs.append({"seed": seed, "seconds": round(seconds, 1),
-                     "student": report["student"]["metrics"],
-                     "student_params": report["student"]["params"],
-                     "teachers": {t["name"]: {"metrics": t["metrics"], "params": t["params"]}
-                                  for t in report["teachers"]}})
-    keys = ("miou", "pixel_acc", "rmse", "abs_rel")
+        start = time.perf_counter()
+        report = train(SUPERVISED, tmp / f"supervised{seed}", progress=False,
+                       overrides=[*overrides, f"train.seed={seed}"])
+        sup_runs.append({"seed": seed, "top1": report["model"]["metrics"]["digits"]["top1"],
+                         "params": report["model"]["params"],
+                         "seconds": round(time.perf_counter() - start, 1)})
+    data: dict[str, Any] = {"supervised": sup_runs, "examples": {}}
+    for config in sorted(DIGITS.glob("*.yaml")):
+        algorithm = _algorithm(config)
+        if algorithm not in installed or (only and algorithm not in only):
+            continue
+        runs = [run_once(config, tmp / f"{config.stem}{seed}", overrides, seed) for seed in seeds]
+        data["examples"][config.stem] = {
+            "algorithm": algorithm, "runs": runs,
+            "supervised_same_architecture": (_student_architecture(config)
+                                             == _student_architecture(SUPERVISED, "model"))}
+    return data
 
-    def cells(per_run: list[dict[str, dict[str, float]]]) -> str:
-        out = []
-        for key in keys:
-            values = [v for v in (_only_metric(m, key) for m in per_run) if v is not None]
-            out.append("–" if not values else (f"{values[0]:.3f}" if len(values) == 1
-                                              else _mean_sd(values)))
-        return " | ".join(out)
 
-    lines = [
-        "### Scenes: sbm (segmentation + depth, test split)",
-        "",
-        f"Seeds {seeds}. The shipped teachers (SegNet width 16, each trained with labels on one "
-        "task) are the supervised same-architecture references; there is no joint supervised "
-        "student (`kamal train` fits one task) and no ensemble (one teacher per task). "
-        "mIoU and pixel accuracy: higher is better; RMSE and abs rel: lower is better.",
-        "",
-        "| model | mIoU | pixel acc | depth RMSE | depth abs rel | params |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, entry in runs[0]["teachers"].items():
-        lines.append(f"| teacher {name} | {cells([entry['metrics']])} | {entry['params']:,} |")
-    lines.append(f"| **sbm student** | {cells([r['student'] for r in runs])} | "
-                 f"{runs[0]['student_params']:,} |")
-    return lines, {"sbm": runs}
+def scenes(tmp: Path, seeds: list[int], overrides: list[str]) -> list[dict[str, Any]]:
+    """sbm on scenes: segmentation and depth of the student beside its two teachers."""
+    return [run_once(SCENES / "sbm.yaml", tmp / f"sbm{seed}", overrides, seed) for seed in seeds]
+
+
+def floors(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each measured algorithm against its floor: the worst seed counts."""
+    out: dict[str, dict[str, Any]] = {}
+    for example in data.get("examples", {}).values():
+        name = example["algorithm"]
+        if name not in FLOORS:
+            continue
+        floor = FLOORS[name]
+        worst = min(r["student"] for r in example["runs"])
+        entry: dict[str, Any] = {"floor": floor, "top1": worst, "met": worst >= floor["top1"]}
+        if "params_fraction" in floor:
+            fraction = max(r["student_params"] / r["combined_params"] for r in example["runs"])
+            entry["params_fraction"] = fraction
+            entry["met"] = entry["met"] and fraction <= floor["params_fraction"]
+        out[name] = entry
+    runs = data.get("scenes", {}).get("sbm")
+    if runs:
+        floor = FLOORS["sbm"]
+        teachers = runs[0]["teachers"]
+        miou_t = min(v for t in teachers.values()
+                     if (v := _only_metric(t["metrics"], "miou")) is not None)
+        rmse_t = min(v for t in teachers.values()
+                     if (v := _only_metric(t["metrics"], "rmse")) is not None)
+        miou = min(_only_metric(r["student_metrics"], "miou") for r in runs)
+        rmse = max(_only_metric(r["student_metrics"], "rmse") for r in runs)
+        out["sbm"] = {"floor": floor, "miou_vs_teacher": miou / miou_t,
+                      "rmse_vs_teacher": rmse / rmse_t,
+                      "met": (miou / miou_t >= floor["miou_vs_teacher"]
+                              and rmse / rmse_t <= floor["rmse_vs_teacher"])}
+    return out
+
+
+def variants(tmp: Path, names: list[str], seeds: list[int], overrides: list[str]
+             ) -> dict[str, dict[str, Any]]:
+    """Run the named variant groups (``cfl``) or single variants (``cfl:ke-head``)."""
+    chosen: dict[str, list[str]] = {}
+    for name in names:
+        group, _, single = name.partition(":")
+        if group not in VARIANTS or (single and single not in VARIANTS[group]):
+            raise SystemExit(f"unknown variant {name!r}; groups: {', '.join(VARIANTS)}")
+        chosen.setdefault(group, []).extend([single] if single else list(VARIANTS[group]))
+    results: dict[str, dict[str, Any]] = {}
+    for group, ids in chosen.items():
+        for vid in ids:
+            label, config, extra = VARIANTS[group][vid]
+            runs = [run_once(ROOT / "examples" / config, tmp / f"{group}-{vid}-{seed}",
+                             [*overrides, *extra], seed) for seed in seeds]
+            results.setdefault(group, {})[vid] = {
+                "label": label, "config": f"examples/{config}", "overrides": extra, "runs": runs}
+            print(f"{group}:{vid}: " + ", ".join(
+                f"seed {r['seed']} {r.get('student', r['student_metrics'])}" for r in runs),
+                flush=True)
+    return results
+
+
+def _write_variants(results: dict[str, dict[str, Any]]) -> None:
+    info = {"command": _report.command(), "date": _dt.date.today().isoformat(),
+            "machine": _report.machine()}
+    for group, entries in results.items():
+        path = RESULTS[group]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+        for vid, entry in entries.items():
+            existing["variants"][vid] = {**entry, **info}
+        existing["variants"] = {vid: existing["variants"][vid] for vid in VARIANTS[group]
+                                if vid in existing["variants"]}
+        path.write_text(json.dumps(existing, indent=1) + "\n")
+
+
+def _render() -> None:
+    import _regions  # imported at the end: a long run renders with the renderers of its end
+
+    _regions.render_all()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--scene-seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, help="override train.epochs (quick runs)")
+    parser.add_argument("--epochs", type=int, help="override train.epochs (quick runs; "
+                        "nothing is written)")
     parser.add_argument("--only", nargs="+", help="only these algorithms (sbm = scenes)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when an algorithm is below its floor (FLOORS)")
+    parser.add_argument("--variants", nargs="+", metavar="GROUP[:ID]",
+                        help=f"run variants instead: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     overrides = [f"train.epochs={args.epochs}"] if args.epochs else []
+    started = time.perf_counter()
+    if args.variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = variants(Path(tmp), args.variants, args.seeds, overrides)
+        if not args.epochs:
+            _write_variants(results)
+            _render()
+        return
     only = set(args.only) if args.only else None
     from kamal.plugins import get_registry
 
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        lines, data = digits(Path(tmp), args.seeds, overrides, only)
+        data = digits(Path(tmp), args.seeds, overrides, only)
         if "sbm" in get_registry().names("amalgamators") and (only is None or "sbm" in only):
-            more, data["scenes"] = scenes(Path(tmp), args.scene_seeds, overrides)
-            lines += ["", *more]
-    title = "## Quality" + (f" (quick check: every run {args.epochs} epochs)" if args.epochs else "")
-    lines = [title, "", *lines, "", f"Whole script: {(time.perf_counter() - started) / 60:.0f} min."]
-    _report.update("quality", "\n".join(lines), data)
-    print("\n".join(lines))
+            data["scenes"] = {"sbm": scenes(Path(tmp), args.scene_seeds, overrides)}
+    data["seeds"], data["scene_seeds"] = args.seeds, args.scene_seeds
+    data["floors"] = floors(data)
+    data["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    if not args.epochs:
+        _report.update_json("quality", data)
+        _render()
+    print(json.dumps(data["floors"], indent=1))
+    missed = [name for name, entry in data["floors"].items() if not entry["met"]]
+    if missed:
+        print(f"below the quality floor: {', '.join(missed)}")
+        if args.check:
+            raise SystemExit(1)
+    else:
+        print("every measured algorithm is at or above its quality floor")
 
 
 if __name__ == "__main__":

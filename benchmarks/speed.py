@@ -13,7 +13,14 @@ channels-last, and as one vmapped call (kamal.teachers).
 Rewrites the "speed" and "teachers" sections of docs/benchmarks.md (and their JSON keys).
 
     python benchmarks/speed.py [--repeats 3] [--epochs 2] [--samples 128] [--student resnet18]
+                               [--min-steps 30]
                                [--variants plain kamal-off kamal-cache kamal-off-contiguous]
+
+``--min-steps``: at least that many timed steps per variant over all repeats (``--epochs``
+is raised until there are). Each verdict is decided by the measurements: **met** when the
+ratio of the variant's lower quartile to plain's upper quartile reaches the target,
+**missed** when even upper over lower quartile does not, otherwise **undecided** (the
+spread straddles the target).
 """
 
 from __future__ import annotations
@@ -208,6 +215,27 @@ def child(variant: str, folder: Path, epochs: int, student: str) -> None:
     print(json.dumps(result))
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def verdict(variant: list[float], plain: list[float], target: float) -> tuple[str, float, float]:
+    """met / missed / undecided for ``variant >= target x plain`` (images/s), with the
+    interquartile bounds of the ratio."""
+    v_lo, v_hi = _quartiles(variant)
+    p_lo, p_hi = _quartiles(plain)
+    low, high = v_lo / p_hi, v_hi / p_lo
+    word = "met" if low >= target else "missed" if high < target else "undecided"
+    return word, low, high
+
+
+def epochs_for(min_steps: int, samples: int, repeats: int, epochs: int) -> int:
+    """Epochs so that epochs 2+ hold ``min_steps`` timed steps over all repeats."""
+    per_epoch = max(samples // BATCH - 1, 1)  # gaps between consecutive step starts
+    return max(epochs, 1 + -(-min_steps // (per_epoch * repeats)))
+
+
 def training_speed(args: argparse.Namespace, folder: Path, samples: int) -> tuple[str, dict]:
     results: dict[str, dict[str, list[float]]] = {}
     variants = list(args.variants)
@@ -238,7 +266,10 @@ def training_speed(args: argparse.Namespace, folder: Path, samples: int) -> tupl
                             "peak_rss_mb": max(entry["rss"]), "run_wall_s": entry["wall"],
                             "cache_bytes": max(entry["cache"]), "images_per_s_all": entry["ips"]}
         cache = f"{max(entry['cache']) / 2**10:.1f} KiB" if max(entry["cache"]) else "–"
-        rows.append(f"| {variant} | {ips:.1f} | {min(entry['ips']):.1f}–{max(entry['ips']):.1f} | "
+        q1, q3 = _quartiles(entry["ips"])
+        summary[variant]["quartiles"] = [q1, q3]
+        rows.append(f"| {variant} | {len(entry['ips'])} | {ips:.1f} | {q1:.1f}–{q3:.1f} | "
+                    f"{min(entry['ips']):.1f}–{max(entry['ips']):.1f} | "
                     f"{ips / plain:.2f}x | {max(entry['rss']):.0f} | {cache} | "
                     f"{statistics.median(entry['wall']):.0f} |")
     ceiling = 1 / (1 - share)
@@ -257,31 +288,39 @@ def training_speed(args: argparse.Namespace, folder: Path, samples: int) -> tupl
         "measured, turns that off: kamal's loop against the plain one with identical teacher "
         "calls.",
         "",
-        "| variant | images/s (median) | range | vs plain | peak RSS MB | cache | run wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | timed steps | images/s (median) | interquartile | range | vs plain "
+        "(medians) | peak RSS MB | cache | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
+    verdicts = {}
+    plain_ips = results["plain"]["ips"]
     if "kamal-off" in summary:
         off = summary["kamal-off"]["vs_plain"]
+        word, low, high = verdict(results["kamal-off"]["ips"], plain_ips, 0.95)
+        verdicts["kamal-off >= 0.95x plain"] = word
         alone = (f"; with teachers run exactly as the plain loop runs them, "
                  f"{summary['kamal-off-contiguous']['vs_plain']:.2f}x"
                  if "kamal-off-contiguous" in summary else "")
-        lines.append(f"- kamal without cache >= 0.95x plain: "
-                     f"**{'met' if off >= 0.95 else 'missed'}** ({off:.2f}x{alone}).")
+        lines.append(f"- kamal without cache >= 0.95x plain: **{word}** (medians {off:.2f}x, "
+                     f"interquartile {low:.2f}x–{high:.2f}x{alone}).")
     if "kamal-cache" in summary:
         cached = summary["kamal-cache"]["vs_plain"]
+        word, low, high = verdict(results["kamal-cache"]["ips"], plain_ips, 2.0)
+        verdicts["kamal-cache >= 2x plain"] = word
+        why = (f"even free teacher outputs would give about {ceiling:.2f}x, below 2x: 2x needs "
+               "teachers taking at least half of the step" if ceiling < 2 else
+               f"free teacher outputs could give up to {ceiling:.2f}x")
         lines.append(
-            f"- kamal with cache >= 2x plain from epoch 2: "
-            f"**{'met' if cached >= 2 else 'missed'}** ({cached:.2f}x). In the plain loop the "
-            f"teachers take {share:.0%} of a step (median), so even free teacher outputs would "
-            f"give about {ceiling:.2f}x: 2x needs teachers taking at least half of the step, "
-            "i.e. a student whose forward + backward costs no more than the teachers' forwards "
-            "together.")
+            f"- kamal with cache >= 2x plain from epoch 2: **{word}** (medians {cached:.2f}x, "
+            f"interquartile {low:.2f}x–{high:.2f}x). In the plain loop the teachers take "
+            f"{share:.0%} of a step (median), so {why}.")
     return "\n".join(lines), {"student": args.student, "samples": samples, "batch": BATCH,
                               "repeats": args.repeats, "epochs": args.epochs,
                               "teacher_share_of_plain_step": share,
-                              "cache_ceiling_vs_plain": ceiling, "variants": summary}
+                              "cache_ceiling_vs_plain": ceiling, "variants": summary,
+                              "verdicts": verdicts}
 
 
 def teacher_execution(repeats: int) -> tuple[str, dict]:
@@ -337,10 +376,33 @@ def teacher_execution(repeats: int) -> tuple[str, dict]:
         "",
         "`train.batch_teachers: auto` uses the vmapped call only on device types listed in "
         "`kamal.teachers.BATCHED_FASTER_ON` and `train.teacher_channels_last: auto` "
-        "channels-last only on those in `CHANNELS_LAST_FASTER_ON`: these figures are why "
-        "the first is empty and the second is `{cpu}`.",
+        "channels-last only on those in `CHANNELS_LAST_FASTER_ON`. " + _teacher_verdict(data),
     ]
     return "\n".join(lines), {"cases": data}
+
+
+def _teacher_verdict(data: dict[str, Any]) -> str:
+    """Whether the CPU entries of those two sets agree with these figures."""
+    from kamal.teachers import BATCHED_FASTER_ON, CHANNELS_LAST_FASTER_ON
+
+    def faster(mode: str) -> list[bool]:
+        return [case["median_ms"][mode] < case["median_ms"]["back to back"]
+                for case in data.values()]
+
+    out = []
+    for mode, chosen, setting in (("vmapped", BATCHED_FASTER_ON, "BATCHED_FASTER_ON"),
+                                  ("channels-last", CHANNELS_LAST_FASTER_ON,
+                                   "CHANNELS_LAST_FASTER_ON")):
+        wins = faster(mode)
+        measured = ("faster in every case" if all(wins) else
+                    "slower in every case" if not any(wins) else
+                    f"faster in {sum(wins)} of {len(wins)} cases")
+        agree = ("cpu" in chosen) == all(wins) if all(wins) or not any(wins) else None
+        state = "lists" if "cpu" in chosen else "leaves out"
+        out.append(f"{mode} was {measured} here and `{setting}` {state} `cpu`: "
+                   + ("consistent." if agree else "**inconsistent**: update it."
+                      if agree is not None else "mixed evidence."))
+    return " ".join(out)
 
 
 def main() -> None:
@@ -352,6 +414,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=DEFAULT_VARIANTS,
                         help="plain must be one of them")
     parser.add_argument("--student", choices=sorted(STUDENTS), default="resnet18")
+    parser.add_argument("--min-steps", type=int, default=30,
+                        help="timed steps per variant over all repeats (raises --epochs)")
     parser.add_argument("--skip-training", action="store_true", help="teacher execution only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -366,6 +430,7 @@ def main() -> None:
             folder = Path(tmp)
             make_teachers(folder)
             samples = make_images(folder, args.samples) // BATCH * BATCH  # drop_last
+            args.epochs = epochs_for(args.min_steps, samples, args.repeats, args.epochs)
             text, data = training_speed(args, folder, samples)
         _report.update("speed", text, data)
         print(text, flush=True)

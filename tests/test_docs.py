@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,93 @@ def test_docs_pages_exist_and_are_linked_from_the_readme():
     for page in ("concepts", "configuration", "cli", "architecture", "plugins"):
         assert (ROOT / "docs" / f"{page}.md").exists()
         assert f"docs/{page}.md" in readme
+
+
+# --- every published figure comes from a script's JSON (issue 18) ----------------------
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _regions  # noqa: E402
+
+FIGURE = re.compile(r"\d+(?:\.\d+)?\s?%|\b\d+\.\d+\s?[x×]|\b0\.\d{3,}\b")
+# (file, text on the line) -> why that figure is not a measurement
+NOT_MEASUREMENTS = {
+    ("docs/configuration.md", "train 40% / transfer 30% / test 30%"):
+        "the digits dataset's fixed split definition",
+    ("docs/configuration.md", "`float`, default `0.001`"): "a config default, not a result",
+    ("docs/algorithms/cfl.md", "[0.001, 0.01, 0.05, 0.1, 0.2, 1, 2]"):
+        "the RBF bandwidths' config default",
+    ("plugins/kamal-plugin-recombination/README.md", "keep 50% of the combined network"):
+        "explains the config value budget: 0.5",
+    ("docs/benchmarks.md", "**kamal without cache >= 0.95x the plain loop**"):
+        "issue 8's target, not a measurement",
+}
+
+
+def _markdown() -> list[tuple[str, str]]:
+    return [(str(p.relative_to(ROOT)), p.read_text()) for p in _regions.markdown_files()]
+
+
+def test_every_marked_region_is_what_the_json_renders():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_regions.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_region_check_catches_a_hand_edited_figure():
+    data = _regions.load()
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- readme-example:begin -->\n(.*?)<!-- readme-example:end -->", readme,
+                      re.DOTALL)
+    assert match, "README.md has no readme-example region"
+    tampered = readme.replace(match[1], match[1].replace("top1=0.", "top1=1."), 1)
+    assert tampered != readme
+    assert _regions.render_text(tampered, data) == _regions.render_text(readme, data) == readme
+
+
+def test_every_region_has_a_renderer():
+    names = {m["name"] for _, text in _markdown() for m in _regions.REGION.finditer(text)}
+    assert names, "no marked regions found"
+    assert names <= set(_regions.RENDERERS), names - set(_regions.RENDERERS)
+
+
+def test_no_figure_outside_a_marked_region_unless_whitelisted():
+    bare, used = [], set()
+    for path, text in _markdown():
+        for number, line in enumerate(_regions.regions_outside(text).splitlines(), 1):
+            if not FIGURE.search(line):
+                continue
+            allowed = [key for key in NOT_MEASUREMENTS if key[0] == path and key[1] in line]
+            used.update(allowed)
+            if not allowed:
+                bare.append(f"{path}:{number}: {line.strip()}")
+    assert not bare, "figures typed by hand (render them from the JSON, remove them, or " \
+        "whitelist them in NOT_MEASUREMENTS with a reason):\n" + "\n".join(bare)
+    assert used == set(NOT_MEASUREMENTS), f"stale whitelist entries: {set(NOT_MEASUREMENTS) - used}"
+
+
+def test_the_figure_lint_sees_what_it_must():
+    for text in ("top-1 91.3%", "reaches 90.56 % top-1", "17.8x faster", "2.5× the KD's",
+                 "mIoU 0.7654"):
+        assert FIGURE.search(text), text
+    for text in ("arXiv:1906.10546", "10x louder", "lr 2e-3", "budget 0.5", "23,733 params"):
+        assert not FIGURE.search(text), text
+
+
+def test_quality_floors_are_decided_by_the_measurements():
+    import quality
+
+    def run(student, params=23_000, combined=48_000):
+        return {"student": student, "student_params": params, "combined_params": combined}
+
+    data = {"examples": {
+        "kd": {"algorithm": "kd", "runs": [run(0.95), run(0.89)]},  # the worst seed counts
+        "recombination": {"algorithm": "recombination", "runs": [run(0.95, params=25_000)]},
+        "layerwise": {"algorithm": "layerwise", "runs": [run(0.93)]}}}
+    floors = quality.floors(data)
+    assert not floors["kd"]["met"] and floors["kd"]["top1"] == 0.89
+    assert not floors["recombination"]["met"]  # accurate, but above half the parameters
+    assert floors["layerwise"]["met"]
+    committed = _regions.load()["benchmarks"]["quality"]
+    assert quality.floors(committed) == committed["floors"]
+    assert all(entry["met"] for entry in committed["floors"].values())
+    assert set(committed["floors"]) == set(quality.FLOORS)  # every bundled algorithm measured

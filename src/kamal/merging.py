@@ -2,8 +2,9 @@
 
 Teachers trained separately are not calibrated to each other: one teacher's logits can be
 several times larger than another's, and a naive concatenation then lets that teacher win
-the joint softmax even on images it knows nothing about (KamalEngine's KD: 76% where the
-teachers' ensemble could reach 88%+).
+the joint softmax even on images it knows nothing about (on kamal's own digits teachers:
+the "ensemble (naive)" column of the Quality section of docs/benchmarks.md, written by
+benchmarks/quality.py).
 
 ``standardize`` (the default) treats the teachers as a mixture of experts and needs no
 labels. Each teacher ``i`` gives class probabilities *given that the image is one of its
@@ -53,8 +54,14 @@ class LogitMerger(nn.Module):
     @torch.no_grad()
     def calibrate(self, teachers: Sequence[Teacher], images: Iterable[Tensor],
                   device: torch.device | None = None) -> None:
-        """Measure each teacher's confidence statistics on unlabeled images."""
+        """Measure each teacher's confidence statistics on unlabeled images.
+
+        ``images`` is consumed in every mode, ``naive`` included (which needs no statistics
+        and runs no teacher): callers such as cfl watch the iterator to keep leading batches.
+        """
         if self.mode == "naive":
+            for _ in images:
+                pass
             return
         scores: list[list[Tensor]] = [[] for _ in teachers]
         for batch in images:

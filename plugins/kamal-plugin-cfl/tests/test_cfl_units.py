@@ -156,6 +156,19 @@ def test_hidden_width_floor_and_paper_setting():
 
 
 @needs_examples
+def test_naive_merge_sets_up_like_standardize():
+    # LogitMerger.calibrate used to return early for 'naive' without reading the images, so
+    # cfl saw no transfer images and `--set algorithm.merge=naive` always failed at setup
+    images = _digits_batch(40)
+    naive = _amalgamator(images, merge="naive")
+    standardize = _amalgamator(images)
+    assert naive.block.hidden == standardize.block.hidden
+    assert torch.equal(naive.merger.confidence_std, torch.ones(2))  # naive measured nothing
+    losses = naive.losses(_batch(naive, images[:8]))
+    assert all(torch.isfinite(value) for value in losses.values())
+
+
+@needs_examples
 def test_teacher_layers_must_match_the_teachers():
     with pytest.raises(kamal.KamalError, match="teacher_layers has 1 entries for 2 teachers"):
         _amalgamator(_digits_batch(8), teacher_layers=["<head>:in"])
