@@ -163,7 +163,7 @@ def test_naive_merge_sets_up_like_standardize():
     naive = _amalgamator(images, merge="naive")
     standardize = _amalgamator(images)
     assert naive.block.hidden == standardize.block.hidden
-    assert torch.equal(naive.merger.confidence_std, torch.ones(2))  # naive measured nothing
+    assert torch.equal(naive.kd.merger.confidence_std, torch.ones(2))  # naive measured nothing
     losses = naive.losses(_batch(naive, images[:8]))
     assert all(torch.isfinite(value) for value in losses.values())
 
