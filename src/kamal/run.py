@@ -119,7 +119,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         student.eval()
         report = reporting.amalgamation_report(
             algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
-            device=device, merge_mode=getattr(algo_cfg, "merge", "standardize"))
+            device=device, calibration_data=calibration,
+            merge_mode=getattr(algo_cfg, "merge", "standardize"))
         report["best_checkpoint"] = trainer.best
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
                                    if step.cache else {"mode": "off", "bytes": 0})
