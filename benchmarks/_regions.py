@@ -190,6 +190,7 @@ def _stored(section: str, script: str) -> Callable[[dict[str, Any]], str]:
 RENDERERS["speed"] = _stored("speed", "speed.py")
 RENDERERS["teachers"] = _stored("teachers", "speed.py")
 RENDERERS["startup"] = _stored("startup", "startup.py")
+RENDERERS["data_path"] = _stored("data_path", "data_path.py")
 
 
 def _seeds(runs: list[dict[str, Any]], key: str = "student") -> str:

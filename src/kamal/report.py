@@ -38,8 +38,8 @@ def teacher_entry(teacher: Teacher, data: ImageDataset | None, device: torch.dev
 
 def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], student: Student,
                         eval_data: ImageDataset | None, device: torch.device,
-                        calibration_data: Dataset, merge_mode: str = "standardize"
-                        ) -> dict[str, Any]:
+                        calibration_data: Dataset, batch_size: int = 256,
+                        merge_mode: str = "standardize") -> dict[str, Any]:
     """Everything ``report.json`` holds for an amalgamation run.
 
     The teachers' ensemble is calibrated on ``calibration_data`` (the transfer images the
@@ -57,7 +57,7 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
             merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
-            merger.calibrate(teachers, image_batches(calibration_data), device)
+            merger.calibrate(teachers, image_batches(calibration_data, batch_size), device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"

@@ -96,7 +96,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     if len(calibration) < len(transfer) and progress and distributed.is_main_process():
         print(f"kamal: setup reads {len(calibration)} of {len(transfer)} transfer images "
               "(train.calibration_images)", file=sys.stderr)
-    amalgamator.setup(student, image_batches(calibration))
+    # batches of the training size: teachers at full resolution must fit the device here too
+    amalgamator.setup(student, image_batches(calibration, cfg.train.batch_size))
     if distributed.is_main_process():
         (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
@@ -119,7 +120,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         student.eval()
         report = reporting.amalgamation_report(
             algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
-            device=device, calibration_data=calibration,
+            device=device, calibration_data=calibration, batch_size=cfg.train.batch_size,
             merge_mode=getattr(algo_cfg, "merge", "standardize"))
         report["best_checkpoint"] = trainer.best
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
