@@ -1,4 +1,5 @@
-"""Shared fixtures: the loopback Hub, installed fixture plugins, tiny teachers, helpers."""
+"""Shared fixtures: the loopback Hub, installed fixture plugins, tiny teachers, the README's
+digits job (trained once per test run), helpers."""
 
 from __future__ import annotations
 
@@ -44,3 +45,30 @@ def tiny_teachers() -> list[Path]:
     from kamal.testing import make_tiny_teachers
 
     return make_tiny_teachers()
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder for this test run only, shared by pytest-xdist's workers (if any)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # base is .../pytest-N/popen-gwK: share pytest-N
+        base = base.parent
+    return base / name
+
+
+@pytest.fixture(scope="session")
+def readme_kd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The README's job, ``kamal amalgamate examples/digits/kd.yaml``, in one process with one
+    thread: the run folder and the CLI's stdout. Trained once per test run (once in all, under
+    pytest-xdist) and shared by the tests that check it and compare against it."""
+    from filelock import FileLock
+
+    folder = shared_dir(tmp_path_factory, "readme-kd")
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "stdout.txt").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            result = run_kamal("amalgamate", str(EXAMPLES / "digits" / "kd.yaml"), "-o",
+                               str(folder / "run"), "--quiet", cwd=folder,
+                               env={"OMP_NUM_THREADS": "1"})
+            assert result.returncode == 0, result.stderr
+            (folder / "stdout.txt").write_text(result.stdout)
+    return folder / "run", (folder / "stdout.txt").read_text()
