@@ -46,7 +46,8 @@ def tests(session: nox.Session) -> None:
     _install_everything(session)
     # strict: a plugin that fails to load (or a name clash) fails the session
     session.run("kamal", "list-plugins", env=STRICT)
-    session.run("pytest", *(session.posargs or ["-q"]))
+    # two workers (one thread each, see tests/conftest.py); the torchrun tests stay in one
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "loadgroup"]))
     _scaffolded_plugin_works(session)
 
 

@@ -4,13 +4,23 @@ digits job (trained once per test run), helpers."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["hub_server"]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests run in parallel (pytest -n N): one thread per process, subprocesses included,
+    # so that N workers on N cores do not fight over them
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_PLUGINS = ROOT / "tests" / "fixtures"
@@ -47,28 +57,36 @@ def tiny_teachers() -> list[Path]:
     return make_tiny_teachers()
 
 
-def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A folder for this test run only, shared by pytest-xdist's workers (if any)."""
+def once_per_test_run(tmp_path_factory: pytest.TempPathFactory, name: str,
+                      make: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``make(folder)`` fills once per test run: once in all under
+    pytest-xdist too (its workers share it; the first one makes it, the others wait)."""
+    from filelock import FileLock
+
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # base is .../pytest-N/popen-gwK: share pytest-N
         base = base.parent
-    return base / name
+    folder = base / name
+    with FileLock(f"{folder}.lock"):
+        if not (base / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            (base / f"{name}.done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def readme_kd_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The README's job, ``kamal amalgamate examples/digits/kd.yaml``, in one process with one
-    thread: the run folder and the CLI's stdout. Trained once per test run (once in all, under
-    pytest-xdist) and shared by the tests that check it and compare against it."""
-    from filelock import FileLock
+    thread: the run folder and the CLI's stdout. Trained once per test run and shared by the
+    tests that check it and compare against it."""
 
-    folder = shared_dir(tmp_path_factory, "readme-kd")
-    with FileLock(f"{folder}.lock"):
-        if not (folder / "stdout.txt").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            result = run_kamal("amalgamate", str(EXAMPLES / "digits" / "kd.yaml"), "-o",
-                               str(folder / "run"), "--quiet", cwd=folder,
-                               env={"OMP_NUM_THREADS": "1"})
-            assert result.returncode == 0, result.stderr
-            (folder / "stdout.txt").write_text(result.stdout)
+    def make(folder: Path) -> None:
+        result = run_kamal("amalgamate", str(EXAMPLES / "digits" / "kd.yaml"), "-o",
+                           str(folder / "run"), "--quiet", cwd=folder, env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+        (folder / "stdout.txt").write_text(result.stdout)
+
+    folder = once_per_test_run(tmp_path_factory, "readme-kd", make)
     return folder / "run", (folder / "stdout.txt").read_text()

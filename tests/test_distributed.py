@@ -7,7 +7,7 @@ single-process reference use the same kernels).
 
 Starting two processes costs seconds, training the small jobs here much less, so the runs
 that need no launch of their own (the references the resume tests compare with and the
-bundled algorithms) share one two-process launch: ``two_process_runs``, once per module.
+bundled algorithms) share one two-process launch: ``two_process_runs``, once per test run.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import EXAMPLES
+from conftest import EXAMPLES, once_per_test_run
 
 from kamal import load_model
 from kamal.checkpoint import load_state
 from kamal.data.base import build_dataset
 
-pytestmark = pytest.mark.slow
+# one worker under pytest-xdist (--dist loadgroup): the module's shared launch happens once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
 KD = EXAMPLES / "digits" / "kd.yaml"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 if Path("/sys/class/net/lo").exists():  # gloo on loopback: containers whose hostname does not resolve
@@ -112,24 +113,29 @@ BUNDLED = {"digits/layerwise": ["train.epochs=2"],
            "scenes/sbm": ["train.epochs=2", "data.transfer.count=128", "data.eval.count=64"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_process_runs(tmp_path_factory) -> dict[str, Path]:
-    """One two-process launch for every run that needs none of its own: the uninterrupted
-    references of the resume tests, the mid-epoch-interrupted run, each bundled algorithm."""
+    """One two-process launch, once per test run, for every run that needs none of its own:
+    the uninterrupted references of the resume tests, the mid-epoch-interrupted run and each
+    bundled algorithm. Tests copy what they change."""
     from kamal.plugins import get_registry
 
-    folder = tmp_path_factory.mktemp("two-processes")
     installed = set(get_registry().names("amalgamators"))
-    runs = {"mid-epoch/full": {"config": str(KD), "overrides": MID_EPOCH},
+    jobs = {"mid-epoch/full": {"config": str(KD), "overrides": MID_EPOCH},
             "mid-epoch/part": {"config": str(KD), "overrides": MID_EPOCH, "interrupt": 20},
-            "killed/full": {"config": str(_cached_config(folder, KILL_EPOCHS))}}
+            "killed/full": {"config": "kd-cached.yaml"}}
     for example, overrides in BUNDLED.items():
         config = EXAMPLES / f"{example}.yaml"
         if yaml.safe_load(config.read_text())["algorithm"]["name"] in installed:
-            runs[example] = {"config": str(config), "overrides": overrides}
-    result = _launch_jobs(folder, [{**job, "out": str(folder / name)} for name, job in runs.items()])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {name: folder / name for name in runs}
+            jobs[example] = {"config": str(config), "overrides": overrides}
+
+    def make(folder: Path) -> None:
+        jobs["killed/full"]["config"] = str(_cached_config(folder, KILL_EPOCHS))
+        result = _launch_jobs(folder, [{**job, "out": str(folder / name)} for name, job in jobs.items()])
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    folder = once_per_test_run(tmp_path_factory, "two-process-runs", make)
+    return {name: folder / name for name in jobs}
 
 
 def test_two_processes_match_one_and_only_the_main_one_writes(tmp_path, readme_kd_run):
