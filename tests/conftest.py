@@ -33,12 +33,15 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Installed into a target folder (no dependencies, no build isolation) so that a
     subprocess with that folder on PYTHONPATH discovers them through entry points.
+    Installed once per test run.
     """
-    target = tmp_path_factory.mktemp("plugin-site")
-    dists = [str(p) for p in sorted(FIXTURE_PLUGINS.iterdir()) if (p / "pyproject.toml").exists()]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), *dists], check=True)
-    return target
+
+    def install(target: Path) -> None:
+        dists = [str(p) for p in sorted(FIXTURE_PLUGINS.iterdir()) if (p / "pyproject.toml").exists()]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(target), *dists], check=True)
+
+    return once_per_test_run(tmp_path_factory, "plugin-site", install)
 
 
 def run_kamal(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -50,11 +53,13 @@ def run_kamal(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
 
 
 @pytest.fixture(scope="session")
-def tiny_teachers() -> list[Path]:
-    """Two tiny same-architecture digits teachers (0-4, 5-9) at 8x8, as model repos."""
+def tiny_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two tiny same-architecture digits teachers (0-4, 5-9) at 8x8, as model repos, trained
+    once per test run."""
     from kamal.testing import make_tiny_teachers
 
-    return make_tiny_teachers()
+    folder = once_per_test_run(tmp_path_factory, "tiny-teachers", make_tiny_teachers)
+    return make_tiny_teachers(folder)  # finds them trained
 
 
 def once_per_test_run(tmp_path_factory: pytest.TempPathFactory, name: str,
