@@ -30,7 +30,8 @@ from kamal import load_model
 from kamal.checkpoint import load_state
 from kamal.data.base import build_dataset
 
-# one worker under pytest-xdist (--dist loadgroup): the module's shared launch happens once
+# under pytest-xdist (--dist loadgroup) these run one after another in one worker: never two
+# torchrun launches (four processes) at once on two cores
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
 KD = EXAMPLES / "digits" / "kd.yaml"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
