@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nox
@@ -15,6 +16,22 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 PLUGINS = sorted(str(p) for p in (ROOT / "plugins").glob("kamal-plugin-*")
                  if (p / "pyproject.toml").exists())
 TEST_PLUGIN = str(ROOT / "tests" / "fixtures" / "kamal-plugin-dummy")
+STRICT = {"KAMAL_STRICT_PLUGINS": "1"}
+# run in the session's Python (which has PyYAML): kd.yaml -> the same job with another algorithm
+_SCAFFOLD_CONFIG = """
+import sys
+from pathlib import Path
+
+import yaml
+
+example, algorithm, target = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+config = yaml.safe_load(example.read_text())
+for teacher in config["teachers"]:
+    teacher["path"] = str((example.parent / teacher["path"]).resolve())
+config["algorithm"]["name"] = algorithm  # the only change: kd's keys are the shared KD term's
+config["train"]["epochs"] = 2
+target.write_text(yaml.safe_dump(config, sort_keys=False))
+"""
 
 
 def _install_everything(session: nox.Session) -> None:
@@ -27,8 +44,10 @@ def _install_everything(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Install the core and all plugins as real distributions, then run pytest."""
     _install_everything(session)
-    session.run("kamal", "list-plugins")
-    session.run("pytest", *(session.posargs or ["-q"]))
+    # strict: a plugin that fails to load (or a name clash) fails the session
+    session.run("kamal", "list-plugins", env=STRICT)
+    # two workers (one thread each, see tests/conftest.py); the torchrun tests stay in one
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "loadgroup"]))
     _scaffolded_plugin_works(session)
 
 
@@ -43,12 +62,14 @@ def _scaffolded_plugin_works(session: nox.Session) -> None:
     plugin = tmp / "kamal-plugin-scaffold-check"
     session.install(str(plugin))
     session.run("pytest", "-q", "-p", "no:cacheprovider", str(plugin / "tests"))
-    config = tmp / "run.yaml"
-    config.write_text((ROOT / "examples" / "digits" / "kd.yaml").read_text()
-                      .replace("path: teachers/", f"path: {ROOT}/examples/digits/teachers/")
-                      .replace("name: kd", "name: scaffold-check").replace("  merge: standardize", "")
-                      .replace("epochs: 30", "epochs: 2"))
-    session.run("kamal", "amalgamate", str(config), "--output", str(tmp / "run"), "--quiet")
+    config, run = tmp / "run.yaml", tmp / "run"
+    # the digits kd example with the scaffolded algorithm, built from the YAML itself
+    session.run("python", "-c", _SCAFFOLD_CONFIG, str(ROOT / "examples" / "digits" / "kd.yaml"),
+                "scaffold-check", str(config))
+    session.run("kamal", "amalgamate", str(config), "--output", str(run), "--quiet", env=STRICT)
+    report = json.loads((run / "report.json").read_text())
+    if report["algorithm"] != "scaffold-check":
+        session.error(f"the scaffolded run used {report['algorithm']!r}, not 'scaffold-check'")
     session.run("pip", "uninstall", "-y", "kamal-plugin-scaffold-check")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import EXAMPLES
+from conftest import EXAMPLES, run_kamal
 
 from kamal.cli import main
 
@@ -106,8 +107,18 @@ def test_resume_without_checkpoint(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = CliRunner().invoke(main, ["--debug", "amalgamate", str(tmp_path / "nope.yaml")])
-    assert result.exit_code != 0 and result.exception is not None
+    """The real CLI: one line without --debug, the full traceback with it."""
+    missing = str(tmp_path / "nope.yaml")
+    plain = run_kamal("amalgamate", missing)
+    assert plain.returncode != 0
+    assert f"config file '{missing}' does not exist" in plain.stderr
+    assert "Traceback" not in plain.stderr + plain.stdout
+    debug = run_kamal("--debug", "amalgamate", missing)
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr, debug.stderr
+    # kamal's own frames and the exception with its type, as Python prints them
+    assert re.search(r'File ".*[/\\]kamal[/\\]\w+\.py", line \d+', debug.stderr), debug.stderr
+    assert f"ConfigError: config file '{missing}' does not exist" in debug.stderr
 
 
 def test_train_configs_refuse_teacher_only_keys(tmp_path):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 
-from conftest import EXAMPLES, ROOT, run_kamal
+import pytest
+from conftest import ROOT, run_kamal
 
 from kamal import load_model
 
 
-def test_kd_example_reaches_90_percent_without_labels(tmp_path):
-    out = tmp_path / "digits-kd"
-    result = run_kamal("amalgamate", str(EXAMPLES / "digits" / "kd.yaml"), "-o", str(out),
-                       "--quiet", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "student (kd)" in result.stdout and "teachers' ensemble" in result.stdout
+@pytest.mark.slow
+def test_kd_example_reaches_90_percent_without_labels(readme_kd_run):
+    out, stdout = readme_kd_run  # kamal amalgamate examples/digits/kd.yaml (also compared with
+    # two processes in test_distributed.py)
+    assert "student (kd)" in stdout and "teachers' ensemble" in stdout
     report = json.loads((out / "report.json").read_text())
     student = report["student"]["metrics"]["digits"]["top1"]
     naive = report["ensemble_naive"]["metrics"]["digits"]["top1"]

@@ -6,9 +6,10 @@ import json
 import types
 
 import pytest
-from conftest import ROOT, run_kamal
+import yaml
+from conftest import EXAMPLES, ROOT, run_kamal
 
-from kamal import RegistryError, hookimpl
+from kamal import RegistryError, hookimpl, load_model
 from kamal.plugins import get_registry, plugin_infos, register_plugin, unregister_plugin
 
 
@@ -30,6 +31,28 @@ def test_installed_plugin_is_discovered_and_usable(plugin_site, tmp_path):
     assert dummy["status"] == "ok"
     assert dummy["distribution"] == "kamal-plugin-dummy" and dummy["version"] == "0.0.1"
     assert dummy["provides"] == {"amalgamators": ["dummy"], "architectures": ["dummy-cnn"]}
+
+    # usable: the plugin's amalgamator trains the plugin's architecture through the CLI
+    config = yaml.safe_load((EXAMPLES / "digits" / "kd.yaml").read_text())
+    for teacher in config["teachers"]:
+        teacher["path"] = str(EXAMPLES / "digits" / teacher["path"])
+    config["algorithm"] = {"name": "dummy", "temperature": 3.0}
+    config["student"]["architecture"] = "dummy-cnn"
+    config["student"]["architecture_kwargs"] = {"width": 8}
+    config["train"]["epochs"] = 1
+    path = tmp_path / "dummy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    result = run_kamal("amalgamate", str(path), "-o", str(out), "--quiet",
+                       env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["algorithm"] == "dummy" and report["hyperparameters"]["temperature"] == 3.0
+    student = json.loads((out / "student" / "config.json").read_text())
+    assert student["architecture"] == "dummy-cnn"
+    assert 0.0 <= report["student"]["metrics"]["digits"]["top1"] <= 1.0
+    model = load_model(out / "student")  # the plugin's architecture rebuilds it from the repo
+    assert sum(p.numel() for p in model.parameters()) == report["student"]["params"]
 
 
 def test_broken_plugin_is_listed_with_its_error_and_the_rest_works(plugin_site):
