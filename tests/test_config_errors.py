@@ -50,7 +50,7 @@ def _fail(*args: str) -> str:
                                     "'temperature'?"]),
     ({"algorithm__merge": "magic"}, ["algorithm.merge:", "'standardize' or 'naive'"]),
     ({"algorithm__name": "cfll"}, ["algorithm.name: unknown algorithm 'cfll'", "Installed:",
-                                   "pip install kamal-plugin-cfll"]),
+                                   "kamal install cfll"]),
     ({"student__architecture": "small-cn"}, ["unknown architecture 'small-cn'",
                                              "Did you mean 'small-cnn'?"]),
     ({"student__architecture_kwargs": {"widht": 8}}, ["has no option 'widht'", "width"]),

@@ -24,7 +24,7 @@ from conftest import EXAMPLES, FIXTURE_PLUGINS, ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install-by-name")]  # one env, in order
 OURS = {"kamal-core", "kamal-plugin-sbm", "kamal-plugin-dummy"}
 
 
