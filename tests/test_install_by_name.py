@@ -24,7 +24,7 @@ from conftest import EXAMPLES, FIXTURE_PLUGINS, ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install-by-name")]  # one env, in order
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install-by-name")]  # one env
 OURS = {"kamal-core", "kamal-plugin-sbm", "kamal-plugin-dummy"}
 
 
@@ -73,7 +73,10 @@ def fresh_env(tmp_path_factory):
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "kamal-deps.pth").write_text(str(_link_site(tmp / "deps")) + "\n")
-    return python, _wheels(tmp / "dist"), tmp
+    dist = _wheels(tmp / "dist")
+    # by name, from the wheels' folder: what a user types
+    installed = _run(python, "-m", "pip", "install", "--find-links", str(dist), "kamal-plugin-sbm")
+    return python, dist, tmp, installed
 
 
 def _run(python: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,8 +87,7 @@ def _run(python: Path, *args: str, cwd: Path | None = None) -> subprocess.Comple
 
 
 def test_kamal_plugin_sbm_installs_by_name_lists_and_runs(fresh_env):
-    python, dist, tmp = fresh_env
-    installed = _run(python, "-m", "pip", "install", "--find-links", str(dist), "kamal-plugin-sbm")
+    python, dist, tmp, installed = fresh_env
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "kamal-2." not in installed.stdout  # never the unrelated project of that name
     listed = _run(python, "-m", "kamal", "list-plugins", "--json")
@@ -111,7 +113,8 @@ def test_kamal_plugin_sbm_installs_by_name_lists_and_runs(fresh_env):
 
 
 def test_kamal_install_expands_short_names_and_prints_what_plugins_provide(fresh_env):
-    python, dist, _ = fresh_env
+    python, dist, _, installed = fresh_env
+    assert installed.returncode == 0, installed.stdout + installed.stderr
     added = _run(python, "-m", "kamal", "install", "dummy", "--find-links", str(dist))
     assert added.returncode == 0, added.stderr
     assert "kamal-plugin-dummy 0.0.1 provides amalgamators: dummy; architectures: dummy-cnn" in added.stdout
