@@ -75,7 +75,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         check_resume_matches(out, resolved)
     amalgamator.setup(student, image_batches(transfer))
     if distributed.is_main_process():
-        (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers)
+                                           + yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
                             teacher_channels_last=cfg.train.teacher_channels_last)
     local = distributed.shard(transfer, cfg.train.seed)
@@ -132,6 +133,16 @@ def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dic
         else:
             entry["path"] = str((base / entry["path"]).resolve())
     return data
+
+
+def _cache_notes(teachers: list[Teacher]) -> str:
+    """YAML comments for ``config.yaml`` naming teachers whose revision came from the local
+    Hub cache (the Hub was unreachable); comments keep the file a valid, re-runnable config."""
+    lines = [f"# teachers.{i}: revision {t.source['revision']} came from the local Hub cache "
+             f"(the Hub was unreachable when resolving "
+             f"'{t.source.get('requested_revision') or 'main'}')\n"
+             for i, t in enumerate(teachers) if t.source.get("revision_from") == "cache"]
+    return "".join(lines)
 
 
 def _finish(out: Path, student: Student, report: dict[str, Any], amalgamator: Amalgamator,
