@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import pathlib
 import os
+import pathlib
 import re
 import sys
 import uuid
