@@ -39,7 +39,8 @@ for op in json.loads(sys.argv[1]):
     try:
         if kind == "download":
             repo = hub.download_model_repo(**op)
-            results.append({"commit": repo.commit, "local_dir": str(repo.local_dir)})
+            results.append({"commit": repo.commit, "local_dir": str(repo.local_dir),
+                            "from_cache": repo.from_cache})
         else:
             op["folder"] = pathlib.Path(op["folder"])
             results.append({"commit": hub.upload_model_repo(**op)})
@@ -243,22 +244,27 @@ def test_offline_and_not_cached_says_how_to_fix(
     assert "`kamal pull org/teacher@v1`" in tag["error"]
 
 
-def test_unreachable_hub_is_an_error_not_a_silent_cache_fallback(
+def test_unreachable_hub_falls_back_to_the_cached_commit_not_to_an_unknown_one(
     hub_server: HubServer, tmp_path: pathlib.Path
 ) -> None:
-    # A branch may have moved on while the Hub is unreachable: kamal does not quietly use the
-    # cached commit (that is what HF_HUB_OFFLINE=1 is for). A pinned sha needs no Hub at all.
-    # The revision look-up fails fast on a refused connection (no retry backoff).
+    # As huggingface_hub, transformers and timm do: with the Hub unreachable, a branch resolves
+    # to the commit the cache recorded for it (flagged from_cache; kamal warns once). A branch
+    # never resolved online is still the "Could not reach the Hub" error. A pinned sha needs
+    # no Hub at all. The revision look-up fails fast on a refused connection (no backoff).
     sha = hub_server.add_commit("org/teacher", model_files("v1"))
     env = client_env(hub_server, tmp_path)
-    run_hub(env, download("org/teacher"))
+    (online,) = run_hub(env, download("org/teacher"))
+    assert online["from_cache"] is False
     hub_server.close()
 
-    branch, pinned = run_hub(env, download("org/teacher"), download("org/teacher", sha))
+    branch, pinned, unknown = run_hub(env, download("org/teacher"), download("org/teacher", sha),
+                                      download("org/teacher", "never-seen"))
 
-    assert "Could not reach the Hub" in branch["error"]
-    assert "HF_HUB_OFFLINE=1" in branch["error"]
-    assert pinned["commit"] == sha
+    assert branch["commit"] == sha and branch["from_cache"] is True
+    assert read_dir(branch) == model_files("v1")
+    assert pinned["commit"] == sha and pinned["from_cache"] is False
+    assert "Could not reach the Hub" in unknown["error"]
+    assert "HF_HUB_OFFLINE=1" in unknown["error"]
 
 
 def test_missing_repo_revision_and_file_are_clear_errors(
