@@ -26,8 +26,11 @@ from .engine import Objective, Trainer, resolve_device
 from .errors import ConfigError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
+from .loggers import RunLoggers
 from .models.base import common_input_spec
 from .plugins import get_registry
+from .progress import set_enabled as show_progress
+from .progress import track
 from .repo import save_model_repo
 from .run_folder import RESOLVED_CONFIG, check_resume_matches, prepare_output
 from .step import AmalgamationStep, build_teacher_cache
@@ -44,6 +47,7 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
     (for resume tests).
     """
     with distributed.session():
+        show_progress(progress and distributed.is_main_process())
         return _amalgamate(config_path, output, overrides, resume, progress, interrupt_after_steps)
 
 
@@ -51,6 +55,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
                 resume: bool, progress: bool, interrupt_after_steps: int | None) -> dict[str, Any]:
     cfg, base_dir = load_config(RunConfig, config_path, overrides)
     cls, algo_cfg = _load_amalgamator(cfg)
+    loggers = RunLoggers(cfg.train.loggers, enabled=distributed.is_main_process())  # names checked now
     distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
@@ -73,7 +78,9 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     resolved = _resolved_config(cfg, teachers, base_dir)
     if resume:
         check_resume_matches(out, resolved)
-    amalgamator.setup(student, image_batches(transfer))
+    batches = -(-len(transfer) // 256)  # image_batches' batch size
+    amalgamator.setup(student, track(image_batches(transfer), "calibrating on the transfer data",
+                                     batches))
     if distributed.is_main_process():
         (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers)
                                            + yaml.safe_dump(resolved, sort_keys=False))
@@ -87,11 +94,21 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         dataset=IndexedView(local) if step.cache else UnlabeledView(local), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=_evaluator(student, eval_data, device), objective=Objective.of(student),
-        resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps)
-    amalgamator.amalgamate(trainer)
-    if not distributed.is_main_process():
-        return {}
+        resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,
+        loggers=loggers, run_config=resolved)
+    try:
+        amalgamator.amalgamate(trainer)
+        if not distributed.is_main_process():
+            return {}
+        return _report(out, student, amalgamator, algo_cfg, teachers, eval_data, device, trainer,
+                       step)
+    finally:
+        loggers.close()
 
+
+def _report(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any,
+            teachers: list[Teacher], eval_data: ImageDataset | None, device: torch.device,
+            trainer: Trainer, step: AmalgamationStep) -> dict[str, Any]:
     student.eval()
     report = reporting.amalgamation_report(
         algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
@@ -101,6 +118,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
                                if step.cache else {"mode": "off", "bytes": 0})
     report["teacher_execution"] = step.runner.describe()
     _finish(out, student, report, amalgamator, teachers)
+    trainer.loggers.report(report, out)
     return report
 
 
