@@ -162,6 +162,18 @@ def test_unknown_logger_is_a_config_error(tmp_path, tiny_teachers):
     assert not (tmp_path / "run").exists()
 
 
+def test_tensorboard_missing_is_a_config_error_before_training(tmp_path, tiny_teachers,
+                                                              monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    config = _config(tmp_path, tiny_teachers)
+    with pytest.raises(ConfigError, match=r"train.loggers: logger 'tensorboard' cannot run: the "
+                       r"tensorboard package is not installed: pip install 'kamal-core\[tensorboard\]'"):
+        amalgamate(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_progress_one_line_per_epoch_off_a_terminal_and_nothing_when_quiet(tmp_path, tiny_teachers):
     config = _config(tmp_path, tiny_teachers, loggers=[], teacher_cache="memory")
     shown = run_kamal("amalgamate", str(config), "-o", str(tmp_path / "shown"))
@@ -192,3 +204,22 @@ def test_progress_bar_on_a_terminal_shows_rate_and_etas():
     assert "\r[main] epoch 1/3 [####################] 4/4" in text
     assert "img/s  loss 0.5000  ETA epoch 0:00, run 0:00" in text
     assert text.rstrip().endswith("ETA run 0:00")
+
+
+def test_kamal_train_logs_to_tensorboard_too(tmp_path):
+    from kamal import train
+
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"architecture": "small-cnn", "architecture_kwargs": {"width": 4}, "task": "d"},
+        "data": {"train": {"dataset": "digits", "split": "train", "size": 8},
+                 "eval": {"dataset": "digits", "split": "test", "size": 8}},
+        "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "log_every": 3,
+                  "loggers": ["tensorboard"]}}))
+    report = train(config, tmp_path / "run", progress=False)
+    curves = _curves(tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [r for r in records if "event" not in r]
+    assert [s for s, _ in curves["loss/ce"]] == [r["step"] for r in steps] and len(steps) >= 3
+    assert curves["eval/d/top1"][-1][1] == pytest.approx(report["model"]["metrics"]["d"]["top1"])
+    assert "model:" in _texts(tmp_path / "run")["config"]

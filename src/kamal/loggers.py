@@ -31,6 +31,12 @@ class Logger:
 
     name: str = "logger"
 
+    @classmethod
+    def check(cls) -> str | None:
+        """Why this logger cannot run here (e.g. its package is missing), or None. Called
+        when the run's config is read, so a run never trains for hours without its tracker."""
+        return None
+
     def start(self, run_dir: Path, config: dict[str, Any], resumed_at: int | None) -> None:
         """The run begins: ``config`` is the resolved run config (``config.yaml``);
         ``resumed_at`` is the global step a ``--resume`` continues from (None: a new run)."""
@@ -96,12 +102,17 @@ class TensorBoardLogger(Logger):
 
     name = "tensorboard"
 
+    @classmethod
+    def check(cls) -> str | None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            return "the tensorboard package is not installed: pip install 'kamal-core[tensorboard]'"
+        return None
+
     def start(self, run_dir: Path, config: dict[str, Any], resumed_at: int | None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RuntimeError("tensorboard is not installed: pip install 'kamal-core[tensorboard]'"
-                               ) from None
+        from torch.utils.tensorboard import SummaryWriter
+
         purge = resumed_at + 1 if resumed_at is not None else None
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
         if resumed_at is None:
@@ -148,6 +159,9 @@ class RunLoggers:
                 cls = registry.get("loggers", name)
             except RegistryError as exc:
                 raise ConfigError(f"train.loggers: {exc}") from None
+            problem = cls.check()
+            if problem:
+                raise ConfigError(f"train.loggers: logger '{name}' cannot run: {problem}")
             logger = cls()
             logger.name = name
             self.loggers.append(logger)
