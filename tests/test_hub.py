@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -265,6 +267,26 @@ def test_unreachable_hub_falls_back_to_the_cached_commit_not_to_an_unknown_one(
     assert pinned["commit"] == sha and pinned["from_cache"] is False
     assert "Could not reach the Hub" in unknown["error"]
     assert "HF_HUB_OFFLINE=1" in unknown["error"]
+
+
+def test_a_hub_that_hangs_times_out_to_the_cached_commit(
+    hub_server: HubServer, tmp_path: pathlib.Path
+) -> None:
+    # A Hub that accepts the connection but never answers: the look-up times out after
+    # HF_HUB_ETAG_TIMEOUT and the cached commit of the branch is used, as for a refusal.
+    sha = hub_server.add_commit("org/teacher", model_files("v1"))
+    env = client_env(hub_server, tmp_path)
+    run_hub(env, download("org/teacher"))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections queue in the backlog; nothing ever reads them
+        hung = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                "HF_HUB_ETAG_TIMEOUT": "1"}
+        started = time.monotonic()
+        (result,) = run_hub(hung, download("org/teacher"))
+        elapsed = time.monotonic() - started
+    assert result["commit"] == sha and result["from_cache"] is True
+    assert elapsed < 30
 
 
 def test_missing_repo_revision_and_file_are_clear_errors(

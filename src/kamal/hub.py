@@ -211,9 +211,12 @@ def _resolve_commit(repo_id: str, revision: str | None, *, token: str | None, of
         if sha is None:
             raise HubError(_not_cached_message(repo_id, revision))
         return sha
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
-    sha = HfApi().model_info(repo_id, revision=revision, token=token).sha
+    # huggingface_hub waits forever by default; a Hub that hangs must time out like one that
+    # refuses, so the cached commit can stand in (HF_HUB_ETAG_TIMEOUT, default 10 s)
+    sha = HfApi().model_info(repo_id, revision=revision, token=token,
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
     if not sha:
         raise HubError(f"The Hub did not return a commit sha for {repo_id}@{ref}.")
     _remember_ref(repo_id, ref, sha)
