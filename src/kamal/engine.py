@@ -285,6 +285,11 @@ class Trainer:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         sums: dict[str, Tensor] = {}  # on the device: read once per epoch, no per-step sync
         count, started = 0, time.perf_counter()
+        if skip and state is not None:  # the resumed epoch's mean covers its first part too
+            partial = self._own(state, "epoch_sums") or {"sums": {}, "count": 0}
+            sums = {k: torch.tensor(v, dtype=_ACCUMULATE.get(self.device.type, torch.float64),
+                                    device=self.device) for k, v in partial["sums"].items()}
+            count = partial["count"]
         self.progress.start_epoch(stage, epoch, epochs, steps, skip, self.cfg.batch_size)
         for index, data in enumerate(loader):
             if index >= steps:
@@ -329,7 +334,8 @@ class Trainer:
                            **{f"loss/{k}": v for k, v in values.items()}})
             self.progress.step(index, shown)
             if halt:
-                self._save_latest(stage, epoch, index + 1, optimizer, scheduler)
+                self._save_latest(stage, epoch, index + 1, optimizer, scheduler,
+                                  {"sums": {k: float(v) for k, v in sums.items()}, "count": count})
                 raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
         means = self._epoch_means(sums, count)
         record = {"stage": stage, "epoch": epoch, "step": self.global_step, "event": "epoch",
@@ -425,9 +431,12 @@ class Trainer:
         if self.is_main:
             save_state(path, {"modules": self._weights(), "best": self.best})
 
-    def _save_latest(self, stage, epoch, batch, optimizer, scheduler) -> None:
+    def _save_latest(self, stage, epoch, batch, optimizer, scheduler,
+                     epoch_sums: dict[str, Any] | None = None) -> None:
         # what differs between processes: random state, and mid-epoch the BatchNorm statistics
-        by_process = (distributed.all_gather_object({"rng": rng_state(), "buffers": self._buffers()})
+        # and the loss sums of the epoch so far
+        by_process = (distributed.all_gather_object({"rng": rng_state(), "buffers": self._buffers(),
+                                                     "epoch_sums": epoch_sums})
                       if self.world > 1 else None)
         if not self.is_main:
             return
@@ -438,6 +447,7 @@ class Trainer:
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(), "processes": self.world, "by_process": by_process,
+            "epoch_sums": epoch_sums,
         })
 
     def _load_latest(self) -> dict[str, Any]:
@@ -474,8 +484,15 @@ class Trainer:
 
     def _own_rng(self, state: dict[str, Any]) -> dict[str, Any]:
         """This process's saved random state (the main one's if the process count changed)."""
+        return self._own(state, "rng")
+
+    def _own(self, state: dict[str, Any], key: str) -> Any:
+        """This process's saved ``key`` (the main one's if the process count changed; None in
+        checkpoints written before the key existed)."""
         by_process = state.get("by_process")
-        return by_process[self.rank]["rng"] if by_process and len(by_process) == self.world else state["rng"]
+        if by_process and len(by_process) == self.world:
+            return by_process[self.rank].get(key)
+        return state.get(key)
 
     def load_modules(self, weights: dict[str, dict[str, Tensor]]) -> None:
         """Load module weights saved by this trainer (e.g. the best checkpoint)."""
