@@ -192,6 +192,23 @@ def test_progress_one_line_per_epoch_off_a_terminal_and_nothing_when_quiet(tmp_p
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def _read_all(master: int) -> str:
+    """Everything written to a pty (a read returns one chunk at a time), then close it."""
+    import select
+
+    chunks = []
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode()
+
+
 def test_progress_bar_on_a_terminal_shows_rate_and_etas():
     from kamal.progress import EpochProgress
 
@@ -203,8 +220,7 @@ def test_progress_bar_on_a_terminal_shows_rate_and_etas():
         for index in range(4):
             bar.step(index, 0.5 if index == 1 else None)
         bar.end_epoch("kd=0.5000")
-    text = os.read(master, 65536).decode()
-    os.close(master)
+    text = _read_all(master)
     assert "\r[main] epoch 1/3 [####################] 4/4" in text
     assert "img/s  loss 0.5000  ETA epoch 0:00, run 0:00" in text
     assert text.rstrip().endswith("ETA run 0:00")
@@ -227,3 +243,36 @@ def test_kamal_train_logs_to_tensorboard_too(tmp_path):
     assert [s for s, _ in curves["loss/ce"]] == [r["step"] for r in steps] and len(steps) >= 3
     assert curves["eval/d/top1"][-1][1] == pytest.approx(report["model"]["metrics"]["d"]["top1"])
     assert "model:" in _texts(tmp_path / "run")["config"]
+
+
+def test_rates_and_etas_follow_the_measured_step_time():
+    import time
+
+    from kamal.progress import EpochProgress, format_duration
+
+    bar = EpochProgress(False)
+    bar.start_epoch("main", 0, 3, 4, 0, 64)  # epoch 1 of 3, 4 steps of 64 images
+    for index in range(2):
+        time.sleep(0.2)
+        bar.step(index)
+    rate, epoch_left, run_left = bar._rates()
+    per_step = (time.perf_counter() - bar.started) / 2
+    assert rate == pytest.approx(64 / per_step, rel=0.05)
+    assert epoch_left == pytest.approx(2 * per_step, rel=0.05)  # 2 steps left in this epoch
+    assert run_left == pytest.approx(10 * per_step, rel=0.05)  # + 2 epochs of 4 steps
+    assert format_duration(75) == "1:15" and format_duration(3725) == "1:02:05"
+
+
+def test_preparation_progress_on_a_terminal():
+    from kamal.progress import set_enabled, track
+
+    master, slave = os.openpty()
+    set_enabled(True)  # as a run without --quiet sets it
+    with os.fdopen(slave, "w") as stream:
+        assert list(track(range(3), "filling the teacher cache (memory)", stream=stream)) == [0, 1, 2]
+        set_enabled(False)
+        assert list(track(range(2), "silent", stream=stream)) == [0, 1]  # --quiet
+    text = _read_all(master)
+    assert "\rfilling the teacher cache (memory) [####################] 3/3 batches  ETA 0:00" in text
+    assert "filling the teacher cache (memory): 3 batches in " in text
+    assert "silent" not in text

@@ -118,10 +118,10 @@ class EpochProgress:
 
 
 def track(items: Iterable[Any], label: str, total: int | None = None,
-          unit: str = "batches") -> Iterator[Any]:
+          unit: str = "batches", stream: TextIO | None = None) -> Iterator[Any]:
     """Yield ``items`` while showing ``label`` with a bar and an ETA (``total`` items; taken
     from ``len(items)`` when possible). Used for teacher-cache filling and calibration."""
-    line = _Line()
+    line = _Line(stream=stream)
     if total is None:
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
     started = time.perf_counter()
