@@ -14,6 +14,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -287,6 +288,39 @@ def test_a_hub_that_hangs_times_out_to_the_cached_commit(
         elapsed = time.monotonic() - started
     assert result["commit"] == sha and result["from_cache"] is True
     assert elapsed < 30
+
+
+def test_a_hub_answering_503_falls_back_to_the_cached_commit(
+    hub_server: HubServer, tmp_path: pathlib.Path
+) -> None:
+    # An outage behind a proxy or load balancer answers 5xx: the cached commit stands in.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    sha = hub_server.add_commit("org/teacher", model_files("v1"))
+    env = client_env(hub_server, tmp_path)
+    run_hub(env, download("org/teacher"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        down = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+        cached, unknown = run_hub(down, download("org/teacher"), download("org/other"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert cached["commit"] == sha and cached["from_cache"] is True
+    assert "503" in unknown["error"]
 
 
 def test_missing_repo_revision_and_file_are_clear_errors(
