@@ -83,6 +83,7 @@ def test_cached_branch_survives_an_outage(hub_server, tmp_path):
                           "--teachers", "--json", env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert len(json.loads(evaluated.stdout)["teachers"]) == 2
+    assert "calibrating the teachers: " in evaluated.stderr  # progress on stderr, JSON on stdout
 
     # never cached: today's clear message, one line, no traceback
     missing = run_kamal("pull", "kamal-test/never-pulled@main", env=env)
