@@ -276,3 +276,41 @@ def test_preparation_progress_on_a_terminal():
     assert "\rfilling the teacher cache (memory) [####################] 3/3 batches  ETA 0:00" in text
     assert "filling the teacher cache (memory): 3 batches in " in text
     assert "silent" not in text
+
+
+def test_the_loop_reads_losses_only_at_the_logging_interval(tmp_path, monkeypatch):
+    # Reading a loss (float()) waits for the GPU; the loop may do it only every log_every
+    # steps. Count float() on the tensors the step returned (detached views share storage).
+    import torch
+    from torch import nn
+
+    from kamal import StepInfo, Trainer
+    from kamal.config import TrainConfig
+
+    model = nn.Linear(4, 2)
+    returned: set[int] = set()
+    reads: list[int] = []
+
+    def step(batch, info: StepInfo):
+        loss = model(batch[0]).pow(2).mean()
+        returned.add(loss.data_ptr())
+        return {"mse": loss}
+
+    real_float = torch.Tensor.__float__
+
+    def counting_float(tensor):
+        if tensor.data_ptr() in returned:
+            reads.append(len(returned))
+        return real_float(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counting_float)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4))
+    cfg = TrainConfig(epochs=1, batch_size=4, log_every=4, device="cpu")
+    trainer = Trainer(modules={"student": model}, dataset=data, step_fn=step, cfg=cfg,
+                      output_dir=tmp_path, device=torch.device("cpu"), progress=False)
+    trainer.fit()
+    assert len(returned) == 8
+    assert reads == [4, 8]  # steps 4 and 8 only
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "event" not in r] == [4, 8]
+    assert [r["event"] for r in records if "event" in r] == ["epoch"]
