@@ -46,7 +46,10 @@ API_REFERENCE: list[tuple[str, list[str]]] = [
                      "feature_layers", "losses", "amalgamate", "describe"]),
     ("FeatureRequest", []),
     ("KDTerm", ["calibrate", "__call__"]),
-    ("Trainer", ["fit", "hold_out", "images", "num_samples", "output_dir", "device", "cfg"]),
+    ("Trainer", ["fit", "hold_out", "images", "num_samples", "output_dir", "device", "cfg",
+                 "log_figure"]),
+    ("Logger", ["check", "start", "log_scalars", "log_metrics", "log_figure", "log_report",
+                "log_record", "close"]),
     ("FeatureTap", []),
     ("build_batch", []),
 ]

@@ -269,3 +269,24 @@ def test_every_bundled_algorithm_runs_unchanged_on_two_processes(two_process_run
     assert epochs_logged and all(r["processes"] == 2 for r in epochs_logged)
     student = load_model(run / "student")
     assert all(torch.isfinite(v).all() for v in student.state_dict().values() if v.is_floating_point())
+
+
+def test_only_the_main_process_logs_and_shows_progress(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run = tmp_path / "two"
+    result = _torchrun("amalgamate", str(_cached_config(tmp_path, epochs=2)), "--output", str(run),
+                       "--set", "train.loggers=[tensorboard]", "--set", "train.log_every=5",
+                       env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("[main] epoch")]
+    assert len(epoch_lines) == 2  # progress from the main process only
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer: the main process
+    events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss/kd/digits")]
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "event" not in r]
+    assert steps == logged and len(steps) == len(set(steps)) > 0
+    assert len(events.Scalars("eval/digits/top1")) == 2

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -39,7 +42,8 @@ for op in json.loads(sys.argv[1]):
     try:
         if kind == "download":
             repo = hub.download_model_repo(**op)
-            results.append({"commit": repo.commit, "local_dir": str(repo.local_dir)})
+            results.append({"commit": repo.commit, "local_dir": str(repo.local_dir),
+                            "from_cache": repo.from_cache})
         else:
             op["folder"] = pathlib.Path(op["folder"])
             results.append({"commit": hub.upload_model_repo(**op)})
@@ -243,22 +247,80 @@ def test_offline_and_not_cached_says_how_to_fix(
     assert "`kamal pull org/teacher@v1`" in tag["error"]
 
 
-def test_unreachable_hub_is_an_error_not_a_silent_cache_fallback(
+def test_unreachable_hub_falls_back_to_the_cached_commit_not_to_an_unknown_one(
     hub_server: HubServer, tmp_path: pathlib.Path
 ) -> None:
-    # A branch may have moved on while the Hub is unreachable: kamal does not quietly use the
-    # cached commit (that is what HF_HUB_OFFLINE=1 is for). A pinned sha needs no Hub at all.
-    # The revision look-up fails fast on a refused connection (no retry backoff).
+    # As huggingface_hub, transformers and timm do: with the Hub unreachable, a branch resolves
+    # to the commit the cache recorded for it (flagged from_cache; kamal warns once). A branch
+    # never resolved online is still the "Could not reach the Hub" error. A pinned sha needs
+    # no Hub at all. The revision look-up fails fast on a refused connection (no backoff).
+    sha = hub_server.add_commit("org/teacher", model_files("v1"))
+    env = client_env(hub_server, tmp_path)
+    (online,) = run_hub(env, download("org/teacher"))
+    assert online["from_cache"] is False
+    hub_server.close()
+
+    branch, pinned, unknown = run_hub(env, download("org/teacher"), download("org/teacher", sha),
+                                      download("org/teacher", "never-seen"))
+
+    assert branch["commit"] == sha and branch["from_cache"] is True
+    assert read_dir(branch) == model_files("v1")
+    assert pinned["commit"] == sha and pinned["from_cache"] is False
+    assert "Could not reach the Hub" in unknown["error"]
+    assert "HF_HUB_OFFLINE=1" in unknown["error"]
+
+
+def test_a_hub_that_hangs_times_out_to_the_cached_commit(
+    hub_server: HubServer, tmp_path: pathlib.Path
+) -> None:
+    # A Hub that accepts the connection but never answers: the look-up times out after
+    # HF_HUB_ETAG_TIMEOUT and the cached commit of the branch is used, as for a refusal.
     sha = hub_server.add_commit("org/teacher", model_files("v1"))
     env = client_env(hub_server, tmp_path)
     run_hub(env, download("org/teacher"))
-    hub_server.close()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections queue in the backlog; nothing ever reads them
+        hung = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                "HF_HUB_ETAG_TIMEOUT": "1"}
+        started = time.monotonic()
+        (result,) = run_hub(hung, download("org/teacher"))
+        elapsed = time.monotonic() - started
+    assert result["commit"] == sha and result["from_cache"] is True
+    assert elapsed < 30
 
-    branch, pinned = run_hub(env, download("org/teacher"), download("org/teacher", sha))
 
-    assert "Could not reach the Hub" in branch["error"]
-    assert "HF_HUB_OFFLINE=1" in branch["error"]
-    assert pinned["commit"] == sha
+def test_a_hub_answering_503_falls_back_to_the_cached_commit(
+    hub_server: HubServer, tmp_path: pathlib.Path
+) -> None:
+    # An outage behind a proxy or load balancer answers 5xx: the cached commit stands in.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    sha = hub_server.add_commit("org/teacher", model_files("v1"))
+    env = client_env(hub_server, tmp_path)
+    run_hub(env, download("org/teacher"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        down = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+        cached, unknown = run_hub(down, download("org/teacher"), download("org/other"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert cached["commit"] == sha and cached["from_cache"] is True
+    assert "503" in unknown["error"]
 
 
 def test_missing_repo_revision_and_file_are_clear_errors(

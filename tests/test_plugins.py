@@ -124,12 +124,14 @@ def test_in_process_plugin_registration_and_clash():
         unregister_plugin("reusing-test-plugin")
 
 
-def test_list_plugins_and_help_do_not_import_torch():
+def test_list_plugins_and_help_do_not_import_torch_or_trackers():
     for args in (["--help"], ["list-plugins"]):
         code = (f"import sys, runpy; sys.argv = ['kamal', *{args!r}]\n"
                 "try:\n    runpy.run_module('kamal', run_name='__main__')\n"
                 "except SystemExit:\n    pass\n"
                 "assert 'torch' not in sys.modules, 'torch was imported'\n"
+                "heavy = [m for m in ('tensorboard', 'mlflow') if m in sys.modules]\n"
+                "assert not heavy, f'{heavy} imported'\n"
                 "print('NO_TORCH')")
         import subprocess
         import sys

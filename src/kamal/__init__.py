@@ -52,6 +52,7 @@ _EXPORTS = {
     "build_batch": "kamal.step",
     "Trainer": "kamal.engine",
     "StepInfo": "kamal.engine",
+    "Logger": "kamal.loggers",
     # distributed runs (no-ops in one process)
     "is_main_process": "kamal.distributed",
     "broadcast_object": "kamal.distributed",
@@ -118,6 +119,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         Task,
         Teacher,
     )
+    from .loggers import Logger
     from .merging import LogitMerger
     from .model_eval import evaluate_repo
     from .models.base import Architecture, KamalModel, merge_tasks

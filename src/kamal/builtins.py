@@ -34,6 +34,13 @@ def register_architectures(register: Register) -> None:
 
 
 @hookimpl
+def register_loggers(register: Register) -> None:
+    """metrics.jsonl (always on) and TensorBoard event files (kamal-core[tensorboard])."""
+    register("jsonl", "kamal.loggers:JsonlLogger")
+    register("tensorboard", "kamal.loggers:TensorBoardLogger")
+
+
+@hookimpl
 def register_datasets(register: Register) -> None:
     """Digits (shipped with scikit-learn), procedural scenes, image folders, paired image/mask/depth
     folders and torchvision datasets on disk."""

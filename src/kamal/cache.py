@@ -67,7 +67,9 @@ class TeacherCache:
         chunks: dict[str, list[Tensor]] = {}
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         shard_rows, shards, start = 0, [], 0
-        for images in loader:
+        from .progress import track
+
+        for images in track(loader, f"filling the teacher cache ({self.mode})"):
             flat = _flatten(*run_teachers(images))
             for key, value in flat.items():
                 chunks.setdefault(key, []).append(value.detach().cpu())

@@ -105,7 +105,10 @@ class TrainConfig(_Strict):
     scheduler: Literal["cosine", "none"] = Field("cosine", description="LR schedule over all steps.")
     seed: int = Field(0, description="Seeds initialisation, shuffling and augmentation.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
-    log_every: int = Field(10, ge=1, description="Log the losses every N steps.")
+    log_every: int = Field(10, ge=1, description="Log the losses every N steps (to every logger).")
+    loggers: list[str] = Field(default_factory=list, description=(
+        "Experiment trackers besides metrics.jsonl (always on): tensorboard "
+        "(kamal-core[tensorboard]) or a plugin's, e.g. mlflow. See docs/tracking.md."))
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm.")
 
     @field_validator("device")

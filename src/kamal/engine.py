@@ -14,11 +14,9 @@ agreed on in the gradient collective, so every process stops at the same step.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +34,8 @@ from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
 from .config import TrainConfig
 from .errors import Interrupted, KamalError, NonFiniteLossError
+from .loggers import RunLoggers
+from .progress import EpochProgress
 
 StepFn = Callable[[Any, "StepInfo"], dict[str, Tensor]]
 Evaluator = Callable[[], dict[str, dict[str, float]]]
@@ -86,23 +86,9 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float | No
     return cls(params, lr=lr, weight_decay=opt.weight_decay)
 
 
+# loss sums stay on the device in float64 (as the Python floats they replace); MPS has none
+_ACCUMULATE = {"mps": torch.float32}
 _DIVERGED = 100.0  # weights this many times their norm at the stage's start: diverged
-
-
-class _Progress:
-    """One self-rewriting line on a terminal; one line per epoch otherwise (CI logs)."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.tty = sys.stderr.isatty()
-        self.enabled = enabled
-
-    def step(self, text: str) -> None:
-        if self.enabled and self.tty:
-            print(f"\r{text[:120]:<120}", end="", file=sys.stderr, flush=True)
-
-    def epoch(self, text: str) -> None:
-        if self.enabled:
-            print(("\r" if self.tty else "") + f"{text:<120}", file=sys.stderr, flush=True)
 
 
 class _StopFlag:
@@ -138,6 +124,9 @@ class Trainer:
     folder only in the main process; the others get a private scratch folder, deleted with
     the trainer, so an algorithm that writes files needs no distributed code. ``device`` is
     where the modules live; ``cfg`` is the run's ``train`` section.
+
+    Records go to ``metrics.jsonl`` and every logger of ``cfg.loggers`` (started here with
+    ``run_config``, or pass started ``loggers``); plugins log figures with :meth:`log_figure`.
     """
 
     output_dir: Path
@@ -148,7 +137,8 @@ class Trainer:
                  cfg: TrainConfig, output_dir: str | Path, device: torch.device,
                  evaluator: Evaluator | None = None, objective: Objective | None = None,
                  resume: bool = False, progress: bool = True,
-                 interrupt_after_steps: int | None = None) -> None:
+                 interrupt_after_steps: int | None = None, loggers: RunLoggers | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.modules = modules
         # for tests: behave as if Ctrl-C arrived after this many steps of this session
         self.interrupt_after_steps = interrupt_after_steps
@@ -167,7 +157,7 @@ class Trainer:
         self.device = device
         self.evaluator = evaluator
         self.objective = objective
-        self.progress = _Progress(progress)
+        self.progress = EpochProgress(progress)
         self.global_step = 0
         self.completed_stages: list[str] = []
         self.best: dict[str, Any] = {}
@@ -180,6 +170,9 @@ class Trainer:
             distributed.broadcast_module(module)
         if state is not None:
             self._restore_own_buffers(state)
+        self.loggers = loggers if loggers is not None else RunLoggers(cfg.loggers, enabled=self.is_main)
+        self.loggers.start(self.output_dir, run_config or {"train": cfg.model_dump()},
+                           self.global_step if resume else None)
 
     def _scratch_folder(self) -> Path:
         folder = Path(tempfile.mkdtemp(prefix=f"kamal-rank{self.rank}-"))
@@ -202,6 +195,12 @@ class Trainer:
     def num_samples(self) -> int:
         """Number of training samples (held-out ones included)."""
         return len(self.samples)  # type: ignore[arg-type]
+
+    def log_figure(self, name: str, figure: Any) -> None:
+        """Log a matplotlib figure (e.g. ``"cfl/tsne"``) to every logger that records figures
+        (TensorBoard, MLflow, ...), at the current step. Only the main process logs; the
+        figure is not closed."""
+        self.loggers.figure(name, figure, self.global_step)
 
     def hold_out(self, indices: Sequence[int]) -> None:
         """Train only on the samples not in ``indices`` from the next :meth:`fit` on.
@@ -285,8 +284,14 @@ class Trainer:
         for module in self.modules.values():
             module.train()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # on the device: read once per epoch, no per-step sync
         count, started = 0, time.perf_counter()
+        if skip and state is not None:  # the resumed epoch's mean covers its first part too
+            partial = self._own(state, "epoch_sums") or {"sums": {}, "count": 0}
+            sums = {k: torch.tensor(v, dtype=_ACCUMULATE.get(self.device.type, torch.float64),
+                                    device=self.device) for k, v in partial["sums"].items()}
+            count = partial["count"]
+        self.progress.start_epoch(stage, epoch, epochs, steps, skip, self.cfg.batch_size)
         for index, data in enumerate(loader):
             if index >= steps:
                 break
@@ -319,18 +324,21 @@ class Trainer:
             if scheduler is not None:
                 scheduler.step()
             self.global_step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in losses.items():
+                value = v.detach().to(_ACCUMULATE.get(v.device.type, torch.float64))
+                sums[k] = sums[k] + value if k in sums else value
             count += 1
-            if self.global_step % self.cfg.log_every == 0:
+            shown = None
+            if self.global_step % self.cfg.log_every == 0:  # the only read of the losses
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                shown = sum(values.values())
                 self._log({"stage": stage, "epoch": epoch, "step": self.global_step,
                            "lr": optimizer.param_groups[0]["lr"],
                            **{f"loss/{k}": v for k, v in values.items()}})
-            self.progress.step(f"[{stage}] epoch {epoch + 1}/{epochs} batch {index + 1}/{steps} "
-                               f"loss {float(total.detach()):.4f}")
+            self.progress.step(index, shown)
             if halt:
-                self._save_latest(stage, epoch, index + 1, optimizer, scheduler)
+                self._save_latest(stage, epoch, index + 1, optimizer, scheduler,
+                                  {"sums": {k: float(v) for k, v in sums.items()}, "count": count})
                 raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
         means = self._epoch_means(sums, count)
         record = {"stage": stage, "epoch": epoch, "step": self.global_step, "event": "epoch",
@@ -356,7 +364,7 @@ class Trainer:
                                         else score < previous):
                     self.best = {"value": score, "stage": stage, "epoch": epoch}
                     self._save_weights(self.best_path)
-        self.progress.epoch(f"[{stage}] epoch {epoch + 1}/{epochs} {summary}")
+        self.progress.end_epoch(summary)
         self._save_latest(stage, epoch + 1, 0, optimizer, scheduler)
 
     def _to_device(self, data: Any) -> Any:
@@ -404,10 +412,10 @@ class Trainer:
             return math.sqrt(sum(float(p.detach().double().pow(2).sum())
                                  for p in self._all_parameters()))
 
-    def _epoch_means(self, sums: dict[str, float], count: int) -> dict[str, float]:
+    def _epoch_means(self, sums: dict[str, Tensor], count: int) -> dict[str, float]:
         """Mean of each loss over the epoch's steps of every process."""
         names = sorted(sums)
-        totals = torch.tensor([sums[k] for k in names] + [float(count)], dtype=torch.float64)
+        totals = torch.tensor([float(sums[k]) for k in names] + [float(count)], dtype=torch.float64)
         distributed.all_reduce_sum(totals)
         return {k: float(v) / max(float(totals[-1]), 1.0) for k, v in zip(names, totals.tolist(),
                                                                              strict=False)}
@@ -426,9 +434,12 @@ class Trainer:
         if self.is_main:
             save_state(path, {"modules": self._weights(), "best": self.best})
 
-    def _save_latest(self, stage, epoch, batch, optimizer, scheduler) -> None:
+    def _save_latest(self, stage, epoch, batch, optimizer, scheduler,
+                     epoch_sums: dict[str, Any] | None = None) -> None:
         # what differs between processes: random state, and mid-epoch the BatchNorm statistics
-        by_process = (distributed.all_gather_object({"rng": rng_state(), "buffers": self._buffers()})
+        # and the loss sums of the epoch so far
+        by_process = (distributed.all_gather_object({"rng": rng_state(), "buffers": self._buffers(),
+                                                     "epoch_sums": epoch_sums})
                       if self.world > 1 else None)
         if not self.is_main:
             return
@@ -439,6 +450,7 @@ class Trainer:
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(), "processes": self.world, "by_process": by_process,
+            "epoch_sums": epoch_sums,
         })
 
     def _load_latest(self) -> dict[str, Any]:
@@ -475,8 +487,15 @@ class Trainer:
 
     def _own_rng(self, state: dict[str, Any]) -> dict[str, Any]:
         """This process's saved random state (the main one's if the process count changed)."""
+        return self._own(state, "rng")
+
+    def _own(self, state: dict[str, Any], key: str) -> Any:
+        """This process's saved ``key`` (the main one's if the process count changed; None in
+        checkpoints written before the key existed)."""
         by_process = state.get("by_process")
-        return by_process[self.rank]["rng"] if by_process and len(by_process) == self.world else state["rng"]
+        if by_process and len(by_process) == self.world:
+            return by_process[self.rank].get(key)
+        return state.get(key)
 
     def load_modules(self, weights: dict[str, dict[str, Tensor]]) -> None:
         """Load module weights saved by this trainer (e.g. the best checkpoint)."""
@@ -486,8 +505,4 @@ class Trainer:
             module.load_state_dict(weights[name])
 
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.loggers.record(record)  # metrics.jsonl and every logger; nothing outside the main process

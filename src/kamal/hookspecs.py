@@ -60,3 +60,12 @@ def register_datasets(register: Register) -> None:
     The target is a callable ``(split: str | None, **options) -> kamal.ImageDataset``;
     options come from the ``data`` section of a config and are validated by the callable.
     """
+
+
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register experiment trackers: ``register("mlflow", "my_pkg.logger:MLflowLogger")``.
+
+    The target is a subclass of :class:`kamal.Logger` (constructed without arguments); the
+    name is what a run config lists in ``train.loggers``.
+    """

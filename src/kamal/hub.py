@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import pathlib
 import re
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,12 +60,15 @@ class ResolvedRepo:
         commit: The 40-hex commit sha every file was fetched at; record it for provenance.
         local_dir: The HF cache snapshot folder holding ``config.json``, ``model.safetensors``
             and ``README.md`` (when the repo has one). Read-only: do not write into it.
+        from_cache: True when the Hub could not be reached and ``commit`` is the one the local
+            cache recorded for ``requested_revision`` (a warning was printed once).
     """
 
     repo_id: str
     requested_revision: str | None
     commit: str
     local_dir: pathlib.Path
+    from_cache: bool = False
 
 
 def parse_repo_ref(ref: str) -> tuple[str, str | None]:
@@ -93,6 +98,11 @@ def download_model_repo(
     ``HF_HUB_OFFLINE=1`` nothing is requested: the commit comes from the cache's refs (written
     by an earlier online download) and the files from its snapshot.
 
+    When the Hub cannot be reached (connection error, timeout, HTTP 5xx; never 401/403/404)
+    and the cache recorded a commit for ``revision``, that commit is used, as huggingface_hub,
+    transformers and timm do: a warning naming it is printed once and the result has
+    ``from_cache=True``. A commit sha needs no Hub when its files are cached.
+
     Args:
         repo_id: ``org/name`` on the Hub.
         revision: Branch, tag or commit sha; None for the repo's default branch.
@@ -105,10 +115,19 @@ def download_model_repo(
     _check_repo_id(repo_id)
     offline = _offline()
     with _hub_errors(repo_id, revision, offline=offline):
-        commit = _resolve_commit(repo_id, revision, token=token, offline=offline)
+        try:
+            commit = _resolve_commit(repo_id, revision, token=token, offline=offline)
+            from_cache = False
+        except Exception as error:
+            commit = _cached_fallback(repo_id, revision, error)
+            if commit is None:
+                raise
+            from_cache = True
         paths = [_fetch_required(repo_id, name, commit, token, offline) for name in _REQUIRED_FILES]
         _fetch_optional(repo_id, MODEL_CARD_FILE, commit, token, offline)
-    return ResolvedRepo(repo_id, revision, commit, paths[0].parent)
+    if from_cache:
+        _warn_cached(repo_id, revision, commit, paths[0].parent)
+    return ResolvedRepo(repo_id, revision, commit, paths[0].parent, from_cache)
 
 
 def upload_model_repo(
@@ -192,13 +211,50 @@ def _resolve_commit(repo_id: str, revision: str | None, *, token: str | None, of
         if sha is None:
             raise HubError(_not_cached_message(repo_id, revision))
         return sha
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
-    sha = HfApi().model_info(repo_id, revision=revision, token=token).sha
+    # huggingface_hub waits forever by default; a Hub that hangs must time out like one that
+    # refuses, so the cached commit can stand in (HF_HUB_ETAG_TIMEOUT, default 10 s)
+    sha = HfApi().model_info(repo_id, revision=revision, token=token,
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
     if not sha:
         raise HubError(f"The Hub did not return a commit sha for {repo_id}@{ref}.")
     _remember_ref(repo_id, ref, sha)
     return sha
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` means the Hub is down or unreachable (not: no access, not found)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        return status is not None and status >= 500
+    return isinstance(error, _transport_errors())
+
+
+def _cached_fallback(repo_id: str, revision: str | None, error: BaseException) -> str | None:
+    """The cached commit of ``revision`` when ``error`` says the Hub is unreachable, else None."""
+    if not _unreachable(error):
+        return None
+    return _cached_ref(repo_id, revision or _DEFAULT_BRANCH)
+
+
+_warned: set[tuple[str, str | None, str]] = set()
+
+
+def _warn_cached(repo_id: str, revision: str | None, commit: str, folder: pathlib.Path) -> None:
+    """Say once per process (the main one under torchrun) which cached commit stands in."""
+    key = (repo_id, revision, commit)
+    if key in _warned or os.environ.get("RANK", "0") != "0":
+        return
+    _warned.add(key)
+    from huggingface_hub import constants
+
+    ref = f"{repo_id}@{revision or _DEFAULT_BRANCH}"
+    print(f"kamal: warning: the Hub at {constants.ENDPOINT} is unreachable; using {ref} from the "
+          f"local cache at commit {commit} ({folder}). It may be behind the Hub's {ref}.",
+          file=sys.stderr)
 
 
 def _ref_path(repo_id: str, ref: str) -> pathlib.Path:

@@ -38,6 +38,7 @@ def pull(ref: str, token: str | None = None) -> dict[str, Any]:
         "repo": repo_id,
         "requested_revision": revision,
         "revision": resolved.commit,
+        "revision_from": "cache" if resolved.from_cache else "hub",
         "architecture": config["architecture"],
         "architecture_kwargs": config.get("architecture_kwargs") or {},
         "tasks": [t.to_dict() for t in model.tasks],
@@ -52,7 +53,9 @@ def pull(ref: str, token: str | None = None) -> dict[str, Any]:
 def format_pull(summary: dict[str, Any]) -> str:
     """Human-readable summary of :func:`pull`."""
     lines = [f"{summary['repo']} @ {summary['revision']}"
-             + (f" (from '{summary['requested_revision']}')" if summary["requested_revision"] else ""),
+             + (f" (from '{summary['requested_revision']}')" if summary["requested_revision"] else "")
+             + (" [local cache: the Hub was unreachable]" if summary.get("revision_from") == "cache"
+                else ""),
              f"  architecture: {summary['architecture']} {summary['architecture_kwargs'] or ''}".rstrip(),
              f"  parameters:   {summary['parameters']:,} in {summary['tensors']} tensors",
              f"  input:        {summary['input']['channels']}x{summary['input']['size'][0]}x"

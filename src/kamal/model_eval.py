@@ -15,6 +15,7 @@ from .engine import resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .merging import LogitMerger
+from .progress import track
 from .repo import load_model
 from .run_folder import model_folder
 from .teacher_loading import resolve_teacher
@@ -49,7 +50,9 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
         result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
         merger = LogitMerger(teachers, model.tasks)
         if merger.targets:  # classification tasks only; dense teachers are listed alone
-            merger.calibrate(teachers, image_batches(dataset), device)
+            batches = track(image_batches(dataset), "calibrating the teachers",
+                            -(-len(dataset) // 256))  # image_batches' batch size
+            merger.calibrate(teachers, batches, device)
             result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
                                                       merger.targets, dataset, device)}
     return result

@@ -19,6 +19,7 @@ KIND_NOUNS = {
     "tasks": "task kind",
     "architectures": "architecture",
     "datasets": "dataset",
+    "loggers": "logger",
 }
 KINDS = tuple(KIND_NOUNS)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.data import Dataset
 
 from . import distributed
 from . import report as reporting
@@ -37,8 +38,11 @@ from .engine import Objective, Trainer, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
+from .loggers import RunLoggers
 from .models.base import check_class_names, common_input_spec
 from .plugins import get_registry
+from .progress import set_enabled as show_progress
+from .progress import track
 from .repo import save_model_repo
 from .run_folder import RESOLVED_CONFIG, check_resume_matches, prepare_output
 from .step import AmalgamationStep, build_teacher_cache
@@ -55,6 +59,7 @@ def amalgamate(config_path: str | Path, output: str | Path | None = None,
     (for resume tests).
     """
     with distributed.session():
+        show_progress(progress and distributed.is_main_process())
         return _amalgamate(config_path, output, overrides, resume, progress, interrupt_after_steps)
 
 
@@ -63,6 +68,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     started = time.perf_counter()
     cfg, base_dir = load_config(RunConfig, config_path, overrides)
     cls, algo_cfg = _load_amalgamator(cfg)
+    loggers = RunLoggers(cfg.train.loggers, enabled=distributed.is_main_process())  # names checked now
     distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
@@ -97,9 +103,12 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         print(f"kamal: setup reads {len(calibration)} of {len(transfer)} transfer images "
               "(train.calibration_images)", file=sys.stderr)
     # batches of the training size: teachers at full resolution must fit the device here too
-    amalgamator.setup(student, image_batches(calibration, cfg.train.batch_size))
+    batches = -(-len(calibration) // cfg.train.batch_size)
+    amalgamator.setup(student, track(image_batches(calibration, cfg.train.batch_size),
+                                     "calibrating on the transfer data", batches))
     if distributed.is_main_process():
-        (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers)
+                                           + yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
                             teacher_channels_last=cfg.train.teacher_channels_last)
     local = distributed.shard(transfer, cfg.train.seed)
@@ -110,17 +119,29 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         dataset=IndexedView(local) if step.cache else UnlabeledView(local), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=_evaluator(student, eval_data, device), objective=Objective.of(student),
-        resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps)
-    amalgamator.amalgamate(trainer)
-    if not distributed.is_main_process():
-        return {}
+        resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,
+        loggers=loggers, run_config=resolved)
+    try:
+        amalgamator.amalgamate(trainer)
+        if not distributed.is_main_process():
+            return {}
+        return _finish(out, student, amalgamator, algo_cfg, teachers, eval_data, calibration,
+                       trainer, step, started)
+    finally:
+        loggers.close()
 
+
+def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any,
+            teachers: list[Teacher], eval_data: ImageDataset | None, calibration: Dataset,
+            trainer: Trainer, step: AmalgamationStep, started: float) -> dict[str, Any]:
+    """The report, the student repo, report.json, the curves and the loggers' report: all
+    written, or an error naming the step that failed (the checkpoint stays for --resume)."""
     step_name = "evaluating the student and the teachers for the report"
-    try:  # a run ends with its outputs written, or with an error and a resumable checkpoint
+    try:
         student.eval()
         report = reporting.amalgamation_report(
             algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
-            device=device, calibration_data=calibration, batch_size=cfg.train.batch_size,
+            device=trainer.device, calibration_data=calibration, batch_size=trainer.cfg.batch_size,
             merge_mode=getattr(algo_cfg, "merge", "standardize"))
         report["best_checkpoint"] = trainer.best
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
@@ -142,6 +163,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
             f"training finished ({trainer.latest_path} holds the final state) but {step_name} "
             f"failed: {type(exc).__name__}: {exc}. Fix that, then run the same command with "
             "--resume: it writes the outputs without training again") from exc
+    trainer.loggers.report(report, out)  # a failing logger is reported and skipped, never fatal
     return report
 
 
@@ -174,3 +196,13 @@ def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dic
         else:
             entry["path"] = str((base / entry["path"]).resolve())
     return data
+
+
+def _cache_notes(teachers: list[Teacher]) -> str:
+    """YAML comments for ``config.yaml`` naming teachers whose revision came from the local
+    Hub cache (the Hub was unreachable); comments keep the file a valid, re-runnable config."""
+    lines = [f"# teachers.{i}: revision {t.source['revision']} came from the local Hub cache "
+             f"(the Hub was unreachable when resolving "
+             f"'{t.source.get('requested_revision') or 'main'}')\n"
+             for i, t in enumerate(teachers) if t.source.get("revision_from") == "cache"]
+    return "".join(lines)

@@ -18,8 +18,10 @@ from .engine import Objective, StepInfo, Trainer, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import InputSpec, Task
+from .loggers import RunLoggers
 from .models.base import KamalModel
 from .plugins import get_registry
+from .progress import set_enabled as show_progress
 from .repo import save_model_repo
 from .run_folder import prepare_output
 
@@ -35,12 +37,14 @@ def train(config_path: str | Path, output: str | Path | None = None,
     simulates Ctrl-C after that many steps (for resume tests).
     """
     with distributed.session():
+        show_progress(progress and distributed.is_main_process())
         return _train(config_path, output, overrides, resume, progress, interrupt_after_steps)
 
 
 def _train(config_path: str | Path, output: str | Path | None, overrides: list[str] | None,
            resume: bool, progress: bool, interrupt_after_steps: int | None) -> dict[str, Any]:
     cfg, _ = load_config(TrainRunConfig, config_path, overrides)
+    loggers = RunLoggers(cfg.train.loggers, enabled=distributed.is_main_process())
     distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
@@ -78,10 +82,19 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
                       step_fn=step, cfg=cfg.train, output_dir=out, device=device,
                       evaluator=evaluator if eval_data is not None else None,
                       objective=Objective.of(model), resume=resume, progress=progress,
-                      interrupt_after_steps=interrupt_after_steps)
-    trainer.fit()
-    if not distributed.is_main_process():
-        return {}
+                      interrupt_after_steps=interrupt_after_steps, loggers=loggers,
+                      run_config=cfg.model_dump(exclude_none=True))
+    try:
+        trainer.fit()
+        if not distributed.is_main_process():
+            return {}
+        return _report(out, model, eval_data, device, cfg, loggers)
+    finally:
+        loggers.close()
+
+
+def _report(out: Path, model: KamalModel, eval_data: ImageDataset | None, device: Any,
+            cfg: TrainRunConfig, loggers: RunLoggers) -> dict[str, Any]:
     model.eval()
     report = {"model": reporting.model_entry(model, eval_data, device, "model")}
     card = reporting.model_card(report, {"trained_with": "kamal train",
@@ -89,6 +102,7 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
     save_model_repo(model, out / "model", card)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     reporting.plot_curves(out)
+    loggers.report(report, out)
     return report
 
 

@@ -27,6 +27,8 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
             folder = resolved.local_dir
             source = {"hub": ref.hub, "revision": resolved.commit,
                       "requested_revision": ref.revision}
+            if resolved.from_cache:  # the Hub was unreachable: the cache's commit of the ref
+                source["revision_from"] = "cache"
         else:
             folder = (base_dir / ref.path).resolve() if ref.path else base_dir
             source = {"path": str(folder)}

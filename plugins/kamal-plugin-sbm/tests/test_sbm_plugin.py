@@ -169,7 +169,8 @@ def test_short_sbm_run_improves_over_the_untrained_student(teachers, tmp_path):
     from kamal import Interrupted
 
     path = _run_config(tmp_path, teachers, init="scratch")
-    report = kamal.amalgamate(path, tmp_path / "run", progress=False)
+    report = kamal.amalgamate(path, tmp_path / "run", progress=False,
+                              overrides=["train.loggers=[tensorboard]"])
     out = tmp_path / "run"
     summary = json.loads((out / "sbm.json").read_text())
     branches = summary["branches"]
@@ -177,6 +178,12 @@ def test_short_sbm_run_improves_over_the_untrained_student(teachers, tmp_path):
     assert all(0 <= b <= 3 for b in branches.values())
     assert set(summary["search_losses"]["scenes-depth"]) == {"0", "1", "2", "3"}
     assert (out / "demo.png").stat().st_size > 1000
+    # the demo also reaches the run's trackers (Trainer.log_figure): read back from TensorBoard
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.encoded_image_string[:4] for e in events.Images("sbm/demo")] == [b"\x89PNG"]
     assert report["hyperparameters"]["chosen_branches"] == branches
     metrics = report["student"]["metrics"]
     assert set(metrics) == {"scenes-segmentation", "scenes-depth"}

@@ -121,7 +121,8 @@ class CFLAmalgamator(Amalgamator):
         if self.config.tsne_samples > 0:
             from .tsne import plot_common_features
 
-            plot_common_features(self, self.plot_images, Path(trainer.output_dir) / PLOT_NAME)
+            plot_common_features(self, self.plot_images, Path(trainer.output_dir) / PLOT_NAME,
+                                 trainer.log_figure)
 
     # --- helpers --------------------------------------------------------------------
 

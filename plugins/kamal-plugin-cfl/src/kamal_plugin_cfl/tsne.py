@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ def common_features(algo: CFLAmalgamator, images: Tensor, batch_size: int = 256
             [str(c) for c in names])
 
 
-def plot_common_features(algo: CFLAmalgamator, images: Tensor, path: Path) -> Path:
+def plot_common_features(algo: CFLAmalgamator, images: Tensor, path: Path,
+                         log: Callable[[str, Any], None] | None = None) -> Path:
     """Write a two-panel t-SNE of the common features to ``path`` (PNG) and return it.
 
     Left: coloured by network (teachers vs student). Right: coloured by the teachers' merged
@@ -103,5 +105,7 @@ def plot_common_features(algo: CFLAmalgamator, images: Tensor, path: Path) -> Pa
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    if log is not None:  # the run's experiment trackers (Trainer.log_figure)
+        log("cfl/tsne", fig)
     plt.close(fig)
     return path

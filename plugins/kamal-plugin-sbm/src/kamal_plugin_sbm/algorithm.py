@@ -313,7 +313,8 @@ class SBMAmalgamator(Amalgamator):
         (trainer.output_dir / "sbm.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.config.demo_images:
             write_demo(trainer.output_dir / "demo.png", held[:self.config.demo_images],
-                       self.teachers, self.student, self.sources, trainer.device)
+                       self.teachers, self.student, self.sources, trainer.device,
+                       log=trainer.log_figure)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

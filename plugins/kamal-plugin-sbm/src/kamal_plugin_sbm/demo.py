@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from kamal import Student, Teacher
 
 @torch.no_grad()
 def write_demo(path: Path, images: Tensor, teachers: list[Teacher], student: Student,
-               sources: dict[str, tuple[int, Any]], device: torch.device) -> Path:
+               sources: dict[str, tuple[int, Any]], device: torch.device,
+               log: Callable[[str, Any], None] | None = None) -> Path:
     """One row per image; per student task a teacher column and a student column.
 
     Segmentation shows the arg-max class (same colours for teacher and student), depth a
@@ -56,5 +58,7 @@ def write_demo(path: Path, images: Tensor, teachers: list[Teacher], student: Stu
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    if log is not None:  # the run's experiment trackers (Trainer.log_figure)
+        log("sbm/demo", fig)
     plt.close(fig)
     return path
