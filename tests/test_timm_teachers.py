@@ -1,4 +1,4 @@
-"""Teachers in timm's Hub layout (optional extra kamal[timm])."""
+"""Teachers in timm's Hub layout (optional extra kamal-core[timm])."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_without_timm_the_error_names_the_extra(tmp_path):
             f"main(['amalgamate', {str(path)!r}, '-o', {str(tmp_path / 'out')!r}])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
-    assert "pip install 'kamal[timm]'" in result.stderr and "Traceback" not in result.stderr
+    assert "pip install 'kamal-core[timm]'" in result.stderr and "Traceback" not in result.stderr
 
 
 def _unnamed_timm_repo(folder: Path, classes: int = 5) -> None:

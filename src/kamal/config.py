@@ -29,7 +29,7 @@ class TeacherRef(_Strict):
     hub: str | None = Field(None, description="Hugging Face Hub repo id, e.g. org/name.")
     revision: str | None = Field(None, description="Hub branch, tag or commit sha.")
     format: Literal["kamal", "timm"] | None = Field(
-        None, description="Repo layout; detected when omitted (timm needs kamal[timm]).")
+        None, description="Repo layout; detected when omitted (timm needs kamal-core[timm]).")
     classes: list[str] | dict[int, str] | None = Field(
         None, description="timm teachers: the classes of its task, by label or {index: name}.")
 

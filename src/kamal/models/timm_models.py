@@ -1,5 +1,5 @@
 """Teachers in timm's Hub layout (``config.json`` with ``architecture`` + ``pretrained_cfg``,
-``model.safetensors``), loaded when the optional extra ``kamal[timm]`` is installed.
+``model.safetensors``), loaded when the optional extra ``kamal-core[timm]`` is installed.
 
 The user picks the classes the teacher is expert in (``classes:`` in the teacher reference);
 the teacher's task outputs the logits of those classes only. Wrapped models are ordinary
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..errors import KamalError, ModelRepoError
 from .base import Architecture
 
-INSTALL_HINT = "install the optional extra: pip install 'kamal[timm]'"
+INSTALL_HINT = "install the optional extra: pip install 'kamal-core[timm]'"
 
 
 def _timm():
@@ -58,7 +58,7 @@ class TimmClassifier(nn.Module):
         return self.model(x)[:, self.class_indices]
 
 
-TIMM = Architecture(TimmClassifier, (), head=None, description="any timm model (kamal[timm])")
+TIMM = Architecture(TimmClassifier, (), head=None, description="any timm model (kamal-core[timm])")
 
 
 def is_timm_repo(folder: Path) -> bool:
