@@ -31,6 +31,7 @@ _EXPORTS = {
     "hookimpl": "kamal.hookspecs",
     "Register": "kamal.hookspecs",
     "get_registry": "kamal.plugins",
+    "TeacherFormat": "kamal.formats",
     "plugin_infos": "kamal.plugins",
     # building blocks for algorithms
     "Architecture": "kamal.models.base",
@@ -107,6 +108,7 @@ if TYPE_CHECKING:  # static analysers see the real names
         RegistryError,
     )
     from .features import FeatureTap
+    from .formats import TeacherFormat
     from .hookspecs import Register, hookimpl
     from .hub_commands import load_from_hub
     from .interfaces import (

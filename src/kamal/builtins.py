@@ -30,6 +30,7 @@ def register_architectures(register: Register) -> None:
     for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small"):
         register(name, f"kamal.models.torchvision_models:{name.upper()}")
     register("timm", "kamal.models.timm_models:TIMM")
+    register("torchvision", "kamal.models.torchvision_models:TORCHVISION")
     register("segnet", "kamal.models.segnet:SEGNET")
 
 
@@ -38,6 +39,14 @@ def register_loggers(register: Register) -> None:
     """metrics.jsonl (always on) and TensorBoard event files (kamal-core[tensorboard])."""
     register("jsonl", "kamal.loggers:JsonlLogger")
     register("tensorboard", "kamal.loggers:TensorBoardLogger")
+
+
+@hookimpl
+def register_teacher_formats(register: Register) -> None:
+    """Model repos of kamal, timm and torchvision (safetensors only, never remote code)."""
+    register("kamal", "kamal.formats:KamalFormat")
+    register("timm", "kamal.formats:TimmFormat")
+    register("torchvision", "kamal.formats:TorchvisionFormat")
 
 
 @hookimpl

@@ -28,10 +28,12 @@ class TeacherRef(_Strict):
     path: str | None = Field(None, description="Local model repo folder (relative to the config).")
     hub: str | None = Field(None, description="Hugging Face Hub repo id, e.g. org/name.")
     revision: str | None = Field(None, description="Hub branch, tag or commit sha.")
-    format: Literal["kamal", "timm"] | None = Field(
-        None, description="Repo layout; detected when omitted (timm needs kamal-core[timm]).")
+    format: str | None = Field(
+        None, description="Teacher format (kamal, timm, torchvision, or a plugin's; kamal "
+        "list-plugins): detected from the repo when omitted (timm needs kamal-core[timm]).")
     classes: list[str] | dict[int, str] | None = Field(
-        None, description="timm teachers: the classes of its task, by label or {index: name}.")
+        None, description="Classifiers of other libraries (timm, torchvision): the classes of "
+        "its task, by label or {index: name}.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:
@@ -40,7 +42,7 @@ class TeacherRef(_Strict):
         if self.revision is not None and self.hub is None:
             raise ValueError("'revision' only applies to 'hub' teachers")
         if self.classes is not None and self.format == "kamal":
-            raise ValueError("'classes' only applies to timm teachers (kamal repos name theirs)")
+            raise ValueError("'classes' does not apply to kamal repos (they name their classes)")
         return self
 
     @property

@@ -63,6 +63,16 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_teacher_formats(register: Register) -> None:
+    """Register teacher formats: ``register("open-clip", "my_pkg.formats:OpenClipFormat")``.
+
+    The target is a subclass of :class:`kamal.TeacherFormat` (constructed without
+    arguments): it recognises a model repo of its library and loads it as a kamal model.
+    The name is what a teacher reference selects with ``format:``.
+    """
+
+
+@hookspec
 def register_loggers(register: Register) -> None:
     """Register experiment trackers: ``register("mlflow", "my_pkg.logger:MLflowLogger")``.
 

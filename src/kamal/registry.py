@@ -20,6 +20,7 @@ KIND_NOUNS = {
     "architectures": "architecture",
     "datasets": "dataset",
     "loggers": "logger",
+    "teacher_formats": "teacher format",
 }
 KINDS = tuple(KIND_NOUNS)
 

@@ -1,15 +1,20 @@
-"""Teachers from the ``teachers:`` section of a run config: a local folder or a Hub repo,
-in kamal's model-repo layout or timm's (detected from ``config.json``, or ``format:``)."""
+"""Teachers from the ``teachers:`` section of a run config: a local folder or a Hub repo, in
+any registered teacher format (``format:``, or the one format that recognises the repo)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from .config import TeacherRef
-from .errors import KamalError
+from .errors import KamalError, ModelRepoError, RegistryError
+from .formats import TeacherFormat
 from .interfaces import Teacher
-from .models.timm_models import is_timm_repo, load_timm_model
-from .repo import WEIGHTS_FILE, load_teacher, sha256_of
+from .plugins import get_registry
+from .repo import sha256_of
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
@@ -32,11 +37,93 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
         else:
             folder = (base_dir / ref.path).resolve() if ref.path else base_dir
             source = {"path": str(folder)}
-        if ref.format == "timm" or (ref.format is None and is_timm_repo(folder)):
-            model = load_timm_model(folder, ref.display_name, ref.classes)
-            return Teacher(ref.display_name, model,
-                           {**source, "format": "timm", "sha256": sha256_of(folder / WEIGHTS_FILE)})
-        return load_teacher(ref.display_name, folder, source)
+        model, fmt = load_repo(folder, ref.display_name, ref.classes, ref.format, key)
+        return Teacher(ref.display_name, model,
+                       {**source, "format": fmt, "sha256": weights_digest(folder)})
     except KamalError as exc:
         message = str(exc)
         raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None
+
+
+def load_repo(folder: Path, name: str, classes: Any, format_name: str | None,
+              key: str = "teacher") -> tuple[Any, str]:
+    """The network of the model repo in ``folder`` and the name of its format."""
+    if not folder.is_dir():
+        raise ModelRepoError(f"model repo '{folder}' does not exist")
+    refuse_pickles(folder)
+    config = _read_config(folder)
+    fmt = choose_format(folder, config, format_name, key)
+    try:
+        return fmt.load(folder, name, classes), fmt.name
+    except KamalError:
+        raise
+    except ImportError as exc:
+        hint = f"; install it: pip install '{fmt.extra}'" if fmt.extra else ""
+        raise KamalError(f"the {fmt.name} format needs a package that is not installed "
+                         f"({exc}){hint}") from exc
+    except Exception as exc:  # a format plugin's bug must not become a raw traceback
+        raise KamalError(f"teacher format '{fmt.name}' failed to load '{folder}': "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def choose_format(folder: Path, config: dict[str, Any] | None, format_name: str | None,
+                  key: str) -> TeacherFormat:
+    """``format_name``'s format, or the one registered format that recognises the repo."""
+    registry = get_registry()
+    if format_name is not None:
+        try:
+            return registry.get("teacher_formats", format_name)()
+        except RegistryError as exc:
+            raise KamalError(f"{key}.format: {exc}") from exc
+    claims = []
+    for name, entry in sorted(registry.entries("teacher_formats").items()):
+        try:
+            fmt = registry.get("teacher_formats", name)()
+            if fmt.detect(folder, config):
+                claims.append(fmt)
+        except RegistryError:
+            continue  # a broken format plugin is reported by list-plugins; others still work
+        except Exception as exc:
+            raise KamalError(f"teacher format '{name}' (from {entry.distribution}) failed while "
+                             f"recognising '{folder}': {type(exc).__name__}: {exc}; set "
+                             f"{key}.format to the repo's format, or fix or remove the plugin") from exc
+    if len(claims) == 1:
+        return claims[0]
+    names = ", ".join(registry.names("teacher_formats"))
+    if not claims:
+        files = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "no files"
+        raise ModelRepoError(f"'{folder}' matches no teacher format ({names}); it holds {files}. "
+                             f"Set {key}.format, or install the plugin of its library")
+    raise ModelRepoError(f"'{folder}' is claimed by several teacher formats "
+                         f"({', '.join(f.name for f in claims)}); set {key}.format to one of them")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Weights only through safetensors: a repo that has only pickled weights is refused."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelRepoError(
+            f"'{folder}' has weights only as pickles ({', '.join(pickles)}), which can run code "
+            "when loaded; kamal reads safetensors only. Convert them once where you trust the "
+            "file: torch.load(...) then safetensors.torch.save_file(state_dict, "
+            "'model.safetensors')")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of ``model.safetensors`` (of the index for sharded weights)."""
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).is_file():
+            return sha256_of(folder / name)
+    shards = sorted(folder.glob("*.safetensors"))
+    return sha256_of(shards[0]) if shards else ""
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ModelRepoError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None

@@ -74,7 +74,7 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
     """Build a :class:`~kamal.KamalModel` around the timm repo in ``folder`` (strict load)."""
     from safetensors.torch import load_file
 
-    from ..interfaces import InputSpec
+    from ..formats import check_input_spec
     from ..tasks.classification import ClassificationTask
     from .base import KamalModel
 
@@ -101,8 +101,7 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
                                  "select them by index instead: classes: {index: name}")
         indices, names = [labels.index(str(c)) for c in classes], [str(c) for c in classes]
     size = cfg.get("input_size") or [3, 224, 224]
-    spec = InputSpec(int(size[0]), (int(size[1]), int(size[2])),
-                     tuple(cfg.get("mean") or (0.5,)), tuple(cfg.get("std") or (0.5,)))
+    spec = check_input_spec(folder, size, cfg.get("mean") or (0.5,), cfg.get("std") or (0.5,))
     kwargs = {"model_name": config["architecture"], "model_args": config.get("model_args") or
               {"num_classes": head}, "class_indices": indices}
     task = ClassificationTask(task_name, names)
