@@ -178,3 +178,32 @@ def test_two_formats_claiming_a_repo_and_a_raising_format_are_one_line_errors(tm
     message = str(info.value)
     assert "teacher format 'broken' (from formats-test-1) failed while recognising" in message
     assert "ZeroDivisionError: division by zero" in message and "\n" not in message
+
+
+def test_kamal_inspect_lists_every_layer_with_its_shape(tmp_path, hub_server):
+    from conftest import run_kamal
+
+    table = run_kamal("inspect", str(DIGITS))
+    assert table.returncode == 0, table.stderr
+    assert "format:       kamal" in table.stdout and "parameters:   23,733" in table.stdout
+    assert "digits-0-4 [classification] 5 classes: 0, 1, 2, 3, 4" in table.stdout
+    row = next(line.split() for line in table.stdout.splitlines() if line.strip().startswith("block3 "))
+    assert row[1:6] == ["(2,", "64,", "4,", "4)", "feature"]
+    _torchvision_repo(tmp_path / "tv", ["a", "b", "c", "d"])
+    info = json.loads(run_kamal("inspect", str(tmp_path / "tv"), "--json").stdout)
+    assert info["format"] == "torchvision" and info["head_layer"] == "model.fc"
+    shapes = {layer["name"]: layer["shape"] for layer in info["layers"]}
+    assert shapes["model.layer4"] == [2, 512, 1, 1] and shapes["model.fc"] == [2, 4]
+    # a Hub reference, resolved to its commit like every other command
+    env = {**hub_server.hub_env(tmp_path), "HF_TOKEN": hub_server.token}
+    assert run_kamal("push", str(DIGITS), "kamal-test/inspect-me", env=env).returncode == 0
+    hub = json.loads(run_kamal("inspect", "hub:kamal-test/inspect-me@main", "--json", env=env).stdout)
+    assert hub["source"]["hub"] == "kamal-test/inspect-me" and len(hub["source"]["revision"]) == 40
+    assert hub["layers"] == json.loads(run_kamal("inspect", str(DIGITS), "--json").stdout)["layers"]
+
+
+def test_a_layer_that_does_not_exist_lists_the_nearest_names():
+    model = kamal.load_model(DIGITS)
+    with pytest.raises(KamalError, match=r"teacher 'x' has no layer 'blok3'; nearest names: block3"):
+        with kamal.FeatureTap(model.features, ["blok3"], "teacher 'x'"):
+            pass

@@ -149,6 +149,18 @@ def pull(ref: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("ref", metavar="FOLDER|hub:ORG/NAME[@REVISION]")
+@click.option("--format", "format_name", help="Teacher format (default: detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(ref: str, format_name: str | None, as_json: bool) -> None:
+    """Format, architecture, tasks, input spec, parameters and every layer's output shape."""
+    from .inspection import format_inspection, inspect_repo
+
+    info = inspect_repo(ref, format_name)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("repo_id", metavar="ORG/NAME")
 @click.option("--private", is_flag=True, help="Create the repo as private.")

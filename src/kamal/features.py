@@ -6,6 +6,7 @@ A layer is addressed by its ``named_modules`` name; ``"<name>:in"`` captures the
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +26,13 @@ def resolve_layers(root: nn.Module, layers: Sequence[str], owner: str = "model")
         else:
             missing.append(layer)
     if missing:
-        top = [n for n in modules if n and "." not in n]
-        raise KamalError(f"{owner} has no layer {', '.join(map(repr, missing))}; "
-                         f"its top-level layers are: {', '.join(top)}")
+        names = [n for n in modules if n]
+        nearest = difflib.get_close_matches(missing[0].removesuffix(":in"), names, n=5, cutoff=0.5)
+        top = [n for n in names if "." not in n]
+        hint = (f"nearest names: {', '.join(nearest)}" if nearest
+                else f"its top-level layers are: {', '.join(top)}")
+        raise KamalError(f"{owner} has no layer {', '.join(map(repr, missing))}; {hint} "
+                         "(kamal inspect lists every layer with its output shape)")
     return found
 
 
