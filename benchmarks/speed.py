@@ -131,7 +131,8 @@ def run_plain(folder: Path, epochs: int, student_arch: str) -> dict[str, Any]:
     teachers = [load_teacher(p.name, p) for p in (folder / "teacher0", folder / "teacher1")]
     models = [t.model for t in teachers]
     ref = _data_ref(folder)
-    images = build_dataset(ref.pop("dataset"), None, ref).images
+    dataset = build_dataset(ref.pop("dataset"), None, ref)  # decodes one image per item
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # for the calibration
     student = KamalModel(student_arch, merge_tasks(teachers), teachers[0].input_spec,
                          STUDENTS[student_arch])
 
@@ -148,7 +149,8 @@ def run_plain(folder: Path, epochs: int, student_arch: str) -> dict[str, Any]:
                           for i, x in enumerate(logits)], 1)
 
     _check_merge(teachers, student, images[:BATCH], merged, mean, std)
-    loader = DataLoader(images, batch_size=BATCH, shuffle=True, drop_last=True)
+    # the plain loop reads the folder as kamal does: a DataLoader over the lazy dataset
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     total = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -157,7 +159,7 @@ def run_plain(folder: Path, epochs: int, student_arch: str) -> dict[str, Any]:
     teacher_seconds: list[float] = []
     for epoch in range(epochs):
         student.train()
-        for batch in loader:
+        for batch, _ in loader:
             starts.append((epoch, time.perf_counter()))
             with torch.no_grad():
                 target = merged([m(batch)[m.tasks[0].name] for m in models])
