@@ -45,7 +45,7 @@ def test_every_builtin_classifier_builds_and_taps_its_layers(arch):
 
 def test_unknown_layer_lists_what_exists():
     model = KamalModel("small-cnn", [ClassificationTask("t", "ab")], InputSpec(1, (8, 8)))
-    with pytest.raises(KamalError, match="has no layer 'block9'.*block1, block2"):
+    with pytest.raises(KamalError, match="has no layer 'block9'; nearest names: block3, block2, block1"):
         FeatureTap(model.features, ["block9"])
 
 

@@ -74,9 +74,9 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
     """Build a :class:`~kamal.KamalModel` around the timm repo in ``folder`` (strict load)."""
     from safetensors.torch import load_file
 
-    from ..formats import check_input_spec
     from ..tasks.classification import ClassificationTask
     from .base import KamalModel
+    from .repo_values import check_input_spec
 
     config = json.loads((folder / "config.json").read_text())
     cfg = config.get("pretrained_cfg") or {}
