@@ -289,10 +289,12 @@ def test_the_loop_reads_losses_only_at_the_logging_interval(tmp_path, monkeypatc
 
     model = nn.Linear(4, 2)
     returned: set[int] = set()
+    alive: list[torch.Tensor] = []  # kept, so no later loss reuses an earlier one's address
     reads: list[int] = []
 
     def step(batch, info: StepInfo):
         loss = model(batch[0]).pow(2).mean()
+        alive.append(loss)
         returned.add(loss.data_ptr())
         return {"mse": loss}
 
