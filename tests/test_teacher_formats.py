@@ -93,7 +93,7 @@ def test_a_repo_of_no_format_names_the_formats_and_the_fix(tmp_path):
         resolve_teacher(TeacherRef(path=str(tmp_path / "odd")), tmp_path, 3)
     message = str(info.value)
     assert message.startswith("teachers.3: ")
-    assert "matches no teacher format (kamal, timm, torchvision)" in message
+    assert "matches no teacher format (kamal, timm, torchvision, transformers)" in message
     assert "weights.safetensors" in message and "teachers.3.format" in message
     with pytest.raises(KamalError, match=r"teachers.0.format: unknown teacher format 'onnx'"):
         resolve_teacher(TeacherRef(path=str(DIGITS), format="onnx"), tmp_path, 0)

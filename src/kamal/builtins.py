@@ -43,10 +43,12 @@ def register_loggers(register: Register) -> None:
 
 @hookimpl
 def register_teacher_formats(register: Register) -> None:
-    """Model repos of kamal, timm and torchvision (safetensors only, never remote code)."""
+    """Model repos of kamal, timm, torchvision and transformers (safetensors only, never
+    remote code)."""
     register("kamal", "kamal.formats:KamalFormat")
     register("timm", "kamal.formats:TimmFormat")
     register("torchvision", "kamal.formats:TorchvisionFormat")
+    register("transformers", "kamal.formats:TransformersFormat")
 
 
 @hookimpl

@@ -8,8 +8,9 @@ recognises the repo), names the extra a format needs when its library is missing
 wraps the model as a frozen :class:`~kamal.Teacher` with its provenance.
 
 Built in: ``kamal`` (kamal's model repos), ``timm`` (timm's Hub layout, extra
-``kamal-core[timm]``) and ``torchvision`` (a torchvision classification model's
-``state_dict`` in ``model.safetensors`` with a small ``config.json``, below).
+``kamal-core[timm]``), ``transformers`` (extra ``kamal-core[transformers]``) and
+``torchvision`` (a torchvision classification model's ``state_dict`` in
+``model.safetensors`` with a small ``config.json``, below).
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ class TimmFormat(TeacherFormat):
         from .models.timm_models import load_timm_model
 
         return load_timm_model(folder, name, classes)
+
+
+class TransformersFormat(TeacherFormat):
+    """transformers' layout: ``config.json`` with ``model_type`` and ``architectures``;
+    image classification, semantic segmentation and depth estimation heads."""
+
+    name = "transformers"
+    extra = "kamal-core[transformers]"
+
+    def detect(self, folder: Path, config: dict[str, Any] | None) -> bool:
+        from .models.transformers_models import is_transformers_repo
+
+        return is_transformers_repo(config)
+
+    def load(self, folder: Path, name: str, classes: Classes) -> Student:
+        from .models.transformers_models import load_transformers_model
+
+        return load_transformers_model(folder, name, classes)
 
 
 class TorchvisionFormat(TeacherFormat):

@@ -1,0 +1,146 @@
+"""Teachers in transformers' layout (``config.json`` with ``model_type`` and
+``architectures``, ``model.safetensors`` or sharded safetensors with an index,
+``preprocessor_config.json``), loaded with the optional extra ``kamal-core[transformers]``.
+
+Only the model classes transformers itself ships are used: a repo whose ``config.json`` has
+``auto_map`` (custom code) or a ``model_type`` transformers does not know is refused, and
+``trust_remote_code`` is never set. Image classifiers, semantic-segmentation and
+depth-estimation heads become kamal tasks; the images are normalised with the repo's own
+mean/std at its own size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import KamalError, ModelRepoError
+from ..interfaces import InputSpec, Student, Task
+from .repo_values import Classes, check_input_spec, select_classes
+
+EXTRA = "kamal-core[transformers]"
+HEADS = {"ForImageClassification": "classification", "ForSemanticSegmentation": "segmentation",
+         "ForDepthEstimation": "depth"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise KamalError(f"this is a transformers model but transformers is not installed; "
+                         f"install the optional extra: pip install '{EXTRA}'") from None
+    return transformers
+
+
+def is_transformers_repo(config: dict[str, Any] | None) -> bool:
+    """transformers' layout: ``model_type`` and ``architectures``, no kamal ``tasks``."""
+    return bool(config) and "model_type" in config and "architectures" in config \
+        and "tasks" not in config  # type: ignore[operator]
+
+
+class TransformersTeacherNet(Student):
+    """A transformers model as a kamal network: images in [0, 1] at the repo's size ->
+    ``{task_name: output}``; ``features`` is the transformers model, so its modules
+    (e.g. ``vit.layers.11``) are the tappable layers."""
+
+    def __init__(self, model: nn.Module, kind: str, task: Task, spec: InputSpec,
+                 class_indices: list[int] | None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.kind = kind
+        self.tasks = [task]
+        self.input_spec = spec
+        self.class_indices = class_indices
+        self.feature_layers = [name for name, child in model.named_children()
+                               if any(True for _ in child.parameters())]
+        self.head_layer = next((name for name in ("classifier", "decode_head", "head")
+                                if hasattr(model, name)), None)
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    @property
+    def features(self) -> nn.Module:
+        return self.model
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        out = self.model(pixel_values=(images - self.mean) / self.std)
+        size = images.shape[-2:]
+        if self.kind == "classification":
+            result = out.logits[:, self.class_indices]
+        elif self.kind == "segmentation":  # logits come at a fraction of the input size
+            result = F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False)
+            result = result[:, self.class_indices]
+        else:
+            depth = out.predicted_depth
+            depth = depth[:, None] if depth.dim() == 3 else depth
+            result = F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
+        return {self.tasks[0].name: result}
+
+
+def load_transformers_model(folder: Path, name: str, classes: Classes) -> Student:
+    """The repo's model through transformers' own class for its ``architectures`` entry."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map"):
+        raise ModelRepoError(f"{folder}/config.json has auto_map: the repo brings its own code, "
+                             "which kamal never runs (trust_remote_code is never set)")
+    transformers = _transformers()
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = str(config.get("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        raise ModelRepoError(f"{folder}: model type '{model_type}' is not one transformers "
+                             f"{transformers.__version__} ships; kamal does not load code from "
+                             "the repo, so upgrade transformers if it is newer")
+    architecture = str((config.get("architectures") or [""])[0])
+    kind = next((k for suffix, k in HEADS.items() if architecture.endswith(suffix)), None)
+    cls = getattr(transformers, architecture, None)
+    if kind is None or not isinstance(cls, type):
+        heads = ", ".join(f"*{s}" for s in HEADS)
+        raise ModelRepoError(f"{folder}: architecture '{architecture}' is not a transformers "
+                             f"class kamal can use as a teacher ({heads})")
+    model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
+                                use_safetensors=True)
+    spec = _input_spec(folder, config)
+    if kind == "depth":
+        from ..tasks.dense import DepthTask
+
+        return TransformersTeacherNet(model, kind, DepthTask(name), spec, None)
+    labels = config.get("id2label") or {}
+    count = int(config.get("num_labels") or len(labels))
+    named = [str(labels.get(str(i), labels.get(i, i))) for i in range(count)]
+    guessed_labels = all(n.startswith("LABEL_") or n == str(i) for i, n in enumerate(named))
+    indices, names, guessed = select_classes(folder, count, [] if guessed_labels else named,
+                                             classes)
+    from ..tasks.classification import ClassificationTask
+    from ..tasks.dense import SegmentationTask
+
+    task = (ClassificationTask if kind == "classification" else SegmentationTask)(name, names)
+    task.guessed_names = guessed
+    return TransformersTeacherNet(model, kind, task, spec, indices)
+
+
+def _input_spec(folder: Path, config: dict[str, Any]) -> InputSpec:
+    """Size and mean/std from ``preprocessor_config.json`` (what the processor would do)."""
+    path = folder / "preprocessor_config.json"
+    processor = json.loads(path.read_text()) if path.is_file() else {}
+    size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
+    if isinstance(size, dict):
+        height = size.get("height") or size.get("shortest_edge")
+        width = size.get("width") or size.get("shortest_edge")
+    elif size is not None:
+        height = width = size
+    else:
+        height = width = config.get("image_size", 224)
+    channels = int(config.get("num_channels", 3))
+    mean = processor.get("image_mean") or [0.5] * channels
+    std = processor.get("image_std") or [0.5] * channels
+    if processor.get("do_normalize") is False:
+        mean, std = [0.0] * channels, [1.0] * channels
+    return check_input_spec(folder, [channels, height, width], mean, std)
