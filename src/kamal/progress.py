@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, TextIO
 
 _WIDTH = 20  # characters of the bar
@@ -123,7 +123,7 @@ def track(items: Iterable[Any], label: str, total: int | None = None,
     from ``len(items)`` when possible). Used for teacher-cache filling and calibration."""
     line = _Line(stream=stream)
     if total is None:
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        total = len(items) if isinstance(items, Sized) else None
     started = time.perf_counter()
     done = 0
     for item in items:

@@ -57,7 +57,8 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
             merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
-            merger.calibrate(teachers, image_batches(calibration_data, batch_size), device)
+            if mode != "naive":  # the naive merge has nothing to measure
+                merger.calibrate(teachers, image_batches(calibration_data, batch_size), device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"

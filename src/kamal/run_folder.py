@@ -57,9 +57,10 @@ def model_folder(path: str | Path) -> Path:
 
 
 def _lookup(data: dict[str, Any], path: str) -> Any:
+    value: Any = data
     for key in path.split("."):
-        data = data.get(key) if isinstance(data, dict) else None  # type: ignore[assignment]
-    return data
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def check_resume_matches(out: Path, resolved: dict[str, Any]) -> None:

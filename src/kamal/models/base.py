@@ -98,11 +98,7 @@ class KamalModel(Student):
         # architectures whose layers depend on the model built (timm) name them on the network
         self.head_layer = self.head_layer or getattr(self.net, "head_layer", None)
         self.feature_layers = self.feature_layers or list(getattr(self.net, "feature_layers", []))
-        channels = input_spec.channels
-        mean = torch.tensor(_per_channel(input_spec.mean, channels)).view(1, -1, 1, 1)
-        std = torch.tensor(_per_channel(input_spec.std, channels)).view(1, -1, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        register_normalisation(self, input_spec)
 
     @property
     def features(self) -> nn.Module:
@@ -125,6 +121,15 @@ class KamalModel(Student):
             "input": self.input_spec.to_dict(),
             "feature_layers": self.feature_layers,
         }
+
+
+def register_normalisation(module: nn.Module, spec: InputSpec) -> None:
+    """Give ``module`` the non-persistent buffers ``mean`` and ``std`` (1, C, 1, 1) of
+    ``spec``: models take images in [0, 1] and normalise them themselves."""
+    mean = torch.tensor(_per_channel(spec.mean, spec.channels)).view(1, -1, 1, 1)
+    std = torch.tensor(_per_channel(spec.std, spec.channels)).view(1, -1, 1, 1)
+    module.register_buffer("mean", mean, persistent=False)
+    module.register_buffer("std", std, persistent=False)
 
 
 def _per_channel(values: Sequence[float], channels: int) -> list[float]:

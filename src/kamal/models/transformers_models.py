@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import KamalError, ModelRepoError
 from ..interfaces import InputSpec, Student, Task
+from .base import register_normalisation
 from .repo_values import Classes, check_input_spec, select_classes
 
 EXTRA = "kamal-core[transformers]"
@@ -39,8 +39,8 @@ def _transformers():
 
 def is_transformers_repo(config: dict[str, Any] | None) -> bool:
     """transformers' layout: ``model_type`` and ``architectures``, no kamal ``tasks``."""
-    return bool(config) and "model_type" in config and "architectures" in config \
-        and "tasks" not in config  # type: ignore[operator]
+    keys = set(config or {})
+    return {"model_type", "architectures"} <= keys and "tasks" not in keys
 
 
 class TransformersTeacherNet(Student):
@@ -60,10 +60,7 @@ class TransformersTeacherNet(Student):
                                if any(True for _ in child.parameters())]
         self.head_layer = next((name for name in ("classifier", "decode_head", "head")
                                 if hasattr(model, name)), None)
-        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        register_normalisation(self, spec)
 
     @property
     def features(self) -> nn.Module:
