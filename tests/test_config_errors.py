@@ -57,8 +57,9 @@ def _fail(*args: str) -> str:
     ({"data__transfer__dataset": "digit"}, ["data.transfer.dataset: unknown dataset 'digit'",
                                             "Did you mean 'digits'?"]),
     ({"data__transfer__split": "validation"}, ["data.transfer", "unknown split 'validation'"]),
-    ({"data__transfer__size": 32}, ["data.transfer: images are 1x32x32 but the models expect "
-                                    "1x16x16"]),
+    ({"student__input": {"interpolation": "box"}},
+     ["student.input: interpolation 'box' is not one of nearest, bilinear, bicubic (backend "
+      "tensor)"]),
     ({"teachers__0__path": "/does/not/exist"}, ["teachers.0", "'/does/not/exist' does not exist"]),
     ({"teachers__0__hub": "org/x"}, ["teachers.0: give exactly one of 'path'"]),
     ({"student": None}, ["student: Field required"]),
@@ -83,13 +84,18 @@ def test_bad_override_syntax(tmp_path):
     assert "expected key.path=value" in _fail("amalgamate", str(KD), "--set", "train.epochs")
 
 
-def test_teachers_with_different_inputs(tmp_path, tiny_teachers):
-    path = _config(tmp_path)
+def test_teachers_at_another_resolution_need_an_algorithm_that_takes_them(tmp_path,
+                                                                         tiny_teachers):
+    """An 8x8 teacher beside 16x16 ones: layerwise (same pixels) refuses, naming it and the
+    algorithms that take it; kd reads each teacher at its own size (tests/test_views.py)."""
+    path = _config(tmp_path, algorithm={"name": "layerwise"})
     data = yaml.safe_load(path.read_text())
-    data["teachers"][1]["path"] = str(tiny_teachers[1])  # 8x8 teacher beside a 16x16 one
+    data["teachers"][1]["path"] = str(tiny_teachers[1])
     path.write_text(yaml.safe_dump(data))
     output = _fail("amalgamate", str(path), "-o", str(tmp_path / "out"))
-    assert "teachers disagree on their input" in output and "(16, 16)" in output
+    assert "algorithm 'layerwise' compares the teachers and the student at the same pixels" in output
+    assert "reads 8x8" in output and "16x16" in output
+    assert re.search(r"\(.*\bcfl\b.*\bkd\b.*\)", output), output
 
 
 def test_existing_run_is_never_overwritten(tmp_path):

@@ -16,7 +16,7 @@ from conftest import EXAMPLES, run_kamal
 import kamal
 from kamal import ConfigError, KamalError
 from kamal.data.base import build_dataset, split_data_ref
-from kamal.data.folders import fit_square
+from kamal.data.transforms import ImageView
 
 TEACHERS = EXAMPLES / "digits" / "teachers"
 
@@ -59,13 +59,14 @@ def _config(folder: Path, data: Path, **eval_options) -> Path:
     return path
 
 
-def test_fit_square_keeps_the_aspect_and_crops_the_centre():
+def test_default_view_keeps_the_aspect_and_crops_the_centre():
     image = torch.zeros(1, 32, 48)
     image[:, :, 8:40] = torch.linspace(0, 1, 32).view(1, 32, 1)
-    out = fit_square(image, 16)
+    out = ImageView(1, (16, 16))(image)
     assert out.shape == (1, 16, 16)
     assert torch.allclose(out[0, :, 0], out[0, :, -1], atol=0.02)  # no squashing: a column is a column
-    assert fit_square(torch.rand(3, 20, 20), 20).shape == (3, 20, 20)
+    same = torch.rand(3, 20, 20)
+    assert ImageView(3, (20, 20))(same) is same  # nothing to resize or crop: untouched
 
 
 def test_labelled_jpeg_folder_end_to_end_from_another_directory(jpeg_folders, tmp_path):
@@ -110,7 +111,7 @@ def test_labelled_jpeg_folder_end_to_end_from_another_directory(jpeg_folders, tm
     # torchvision's ImageFolder reads the same folders (no train/split argument)
     same = run_kamal("evaluate", "run", "--data", "torchvision:ImageFolder:test", "--option",
                      f"root={jpeg_folders}", "--option", "size=16", "--json", cwd=elsewhere)
-    assert same.returncode != 0 and "images are 3x16x16 but the models expect 1x16x16" in same.stderr
+    assert same.returncode != 0 and "images have 3 channel(s) but the models read 1" in same.stderr
 
 
 def test_unlabelled_evaluation_data_is_refused(jpeg_folders, tmp_path):

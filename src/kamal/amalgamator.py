@@ -40,7 +40,8 @@ class Amalgamator(ABC):
     3. ``build_student()``: the student network (default: ``student_spec``'s architecture
        with the teachers' merged tasks).
     4. ``setup(student, transfer_images)``: build trainable blocks, calibrate on unlabeled
-       data (one pass, no labels).
+       data (one pass, no labels). The batches are tensors, or ``ViewBatch`` es for an
+       algorithm with ``mixed_views`` whose teachers read images differently.
     5. ``amalgamate(trainer)``: by default ``trainer.fit()``, which calls :meth:`losses` for
        every batch and optimises the student plus :meth:`trainable_modules`. Algorithms with
        several stages call ``trainer.fit(stage=..., parameters=...)`` several times.
@@ -48,6 +49,12 @@ class Amalgamator(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[AmalgamatorConfig]] = AmalgamatorConfig
+    # True: teachers may read images differently from the student (their own size, crop,
+    # resampling); ``setup`` then receives :class:`~kamal.data.transforms.ViewBatch` es where
+    # they do, and the algorithm compares teachers and student only where that is meaningful
+    # (outputs the tasks align, features it resizes itself). False: the run refuses such
+    # teachers, naming them.
+    mixed_views: ClassVar[bool] = False
 
     def __init__(self, config: AmalgamatorConfig, teachers: list[Teacher],
                  student_spec: StudentSpec) -> None:

@@ -73,7 +73,8 @@ class TeacherCache:
             flat = _flatten(*run_teachers(images))
             for key, value in flat.items():
                 chunks.setdefault(key, []).append(value.detach().cpu())
-            shard_rows += len(images)
+            # a batch is a tensor, or a tuple with one tensor per view
+            shard_rows += int((images if isinstance(images, Tensor) else images[0]).shape[0])
             if self.mode == "disk" and shard_rows >= 4096:
                 shards.append(self._write_shard(len(shards), chunks, start))
                 start, shard_rows, chunks = start + shard_rows, 0, {}
@@ -184,6 +185,7 @@ def fingerprint(teachers: Sequence[Any], layers: Sequence[Sequence[str]], datase
                 data_config: str) -> str:
     """Identifies what a disk cache holds: teacher weights, tapped layers, the data."""
     parts = [t.source.get("sha256", t.name) for t in teachers]
+    parts += [repr(t.input_spec.view) for t in teachers]  # the pixels each teacher read
     parts += [",".join(x) for x in layers]
     parts += [data_config, str(len(dataset))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -51,6 +51,32 @@ class TeacherRef(_Strict):
         return self.name or Path(self.path or self.hub or "teacher").name
 
 
+class StudentInput(_Strict):
+    """How the student reads images. Unset fields default without regard to the teachers'
+    order: size and transform are the teachers' when they all read images the same way, else
+    the largest teacher size with the default transform (shorter side, centre, bilinear,
+    tensor); mean/std are the teachers' when they agree, else their per-channel average."""
+
+    size: int | list[int] | None = Field(None, description="Input size: one side or "
+                                         "[height, width].")
+    mean: list[float] | None = Field(None, description="Normalisation mean (one value or one "
+                                     "per channel).")
+    std: list[float] | None = Field(None, description="Normalisation std (one value or one per "
+                                    "channel).")
+    resize: Literal["shorter", "squash"] | None = Field(
+        None, description="shorter: the shorter side resized (aspect kept), then the centre "
+        "crop; squash: both sides resized.")
+    resize_to: list[int] | None = Field(None, description="Size before the centre crop: "
+                                        "[side] for shorter, [height, width] for squash.")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="Or: the fraction of the "
+                                   "resized image the centre crop keeps (timm's crop_pct).")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] | None = (
+        Field(None, description="Resampling filter (lanczos, box, hamming need backend pil)."))
+    backend: Literal["pil", "tensor"] | None = Field(
+        None, description="pil: PIL resampling (as timm); tensor: torchvision's antialiased "
+        "tensor resize (as transformers).")
+
+
 class StudentConfig(_Strict):
     """The student network."""
 
@@ -59,6 +85,9 @@ class StudentConfig(_Strict):
                                                 description="Options of the architecture.")
     task_names: dict[str, str] = Field(default_factory=dict,
                                        description="Name of the merged task per kind.")
+    input: StudentInput = Field(default_factory=StudentInput,
+                                description="How the student reads images (size, transform, "
+                                "normalisation).")
 
 
 class DataRef(BaseModel):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
 from .config import TrainConfig
+from .data.transforms import ViewBatch
 from .errors import Interrupted, KamalError, NonFiniteLossError
 from .loggers import RunLoggers
 from .progress import EpochProgress
@@ -212,17 +213,22 @@ class Trainer:
         held = set(indices)
         self.dataset = Subset(self.samples, [i for i in range(self.num_samples) if i not in held])
 
-    def images(self, indices: Sequence[int], seed: int | None = None) -> Tensor:
-        """The images of samples ``indices`` stacked on the CPU. With ``seed``, any random
-        augmentation is drawn from that seed, leaving the training random state untouched."""
-        def image(index: int) -> Tensor:
+    def images(self, indices: Sequence[int], seed: int | None = None) -> Tensor | ViewBatch:
+        """The images of samples ``indices`` stacked on the CPU (a
+        :class:`~kamal.data.transforms.ViewBatch` when the models read different views).
+        With ``seed``, any random augmentation is drawn from that seed, leaving the training
+        random state untouched."""
+        def image(index: int) -> Tensor | ViewBatch:
             fetch = getattr(self.samples, "image", None)  # views whose items are not images
             return fetch(index) if fetch is not None else self.samples[index][0]
 
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            return torch.stack([image(i) for i in indices])
+            images = [image(i) for i in indices]
+        if images and isinstance(images[0], ViewBatch):
+            return ViewBatch.stack(images)  # type: ignore[arg-type]
+        return torch.stack(images)  # type: ignore[arg-type]
 
     def fit(self, stage: str = "main", epochs: int | None = None,
             parameters: Iterable[nn.Parameter] | None = None, lr: float | None = None) -> None:

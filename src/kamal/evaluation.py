@@ -6,23 +6,37 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .data.base import ImageDataset
+from .data.transforms import ImageView, ViewBatch
+from .data.views import LabelledView
 from .interfaces import Task
 
-Predict = Callable[[Tensor], dict[str, Tensor]]
+Predict = Callable[[Any], dict[str, Tensor]]
 
 
 @torch.no_grad()
 def evaluate(predict: Predict, tasks: Sequence[Task], dataset: ImageDataset,
-             device: torch.device, batch_size: int = 256) -> dict[str, dict[str, float]]:
-    """``{task: metrics}`` of ``predict`` on ``dataset`` (labels mapped into each task)."""
+             device: torch.device, batch_size: int = 256,
+             views: Sequence[ImageView] | None = None) -> dict[str, dict[str, float]]:
+    """``{task: metrics}`` of ``predict`` on ``dataset`` (labels mapped into each task).
+
+    With ``views``, ``predict`` reads the images through them: one view gives a tensor,
+    several a :class:`~kamal.data.transforms.ViewBatch` (models pick their own view).
+    Dense outputs are compared with the labels at the labels' size.
+    """
     meters = {task.name: task.new_meter() for task in tasks}
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    several = views is not None and len(views) > 1
+    for images, targets in DataLoader(LabelledView(dataset, views), batch_size=batch_size,
+                                      shuffle=False):
+        if several:
+            assert views is not None
+            images = ViewBatch(dict(zip(views, images, strict=True)))
         outputs = predict(images.to(device))
         for task in tasks:
             mapped = task.map_targets(dataset.classes, targets)

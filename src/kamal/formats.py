@@ -106,7 +106,11 @@ class TorchvisionFormat(TeacherFormat):
 
         {"library": "torchvision", "architecture": "resnet18", "num_classes": 10,
          "label_names": ["plane", ...], "input_size": [3, 224, 224],
-         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+         "resize_size": 256, "interpolation": "bilinear"}
+
+    ``resize_size`` and ``interpolation`` are the eval transform of torchvision's weights
+    (the shorter side resized, then the centre crop; no crop when ``resize_size`` is left out).
     """
 
     name = "torchvision"
@@ -125,8 +129,11 @@ class TorchvisionFormat(TeacherFormat):
         labels = [str(n) for n in config.get("label_names") or []]
         indices, names, guessed = select_classes(folder, head, labels, classes)
         size = config.get("input_size") or [3, 224, 224]
+        # torchvision's weights transforms: shorter side to resize_size, centre crop, on PIL
+        resize_to = [config["resize_size"]] if config.get("resize_size") else []
         spec = check_input_spec(folder, size, config.get("mean") or (0.485, 0.456, 0.406),
-                                config.get("std") or (0.229, 0.224, 0.225))
+                                config.get("std") or (0.229, 0.224, 0.225), "shorter", resize_to,
+                                str(config.get("interpolation") or "bilinear"), "pil")
         task = ClassificationTask(name, names)
         task.guessed_names = guessed
         kwargs = {"model_name": str(config.get("architecture")), "num_classes": head,

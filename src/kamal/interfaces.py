@@ -21,33 +21,54 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    pass
+    from .data.transforms import ImageView, ViewBatch
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: channels, spatial size and the normalisation it applies itself.
+    """What a model expects: channels, spatial size, how an image is brought to that size
+    (its eval transform), and the normalisation it applies itself.
 
     Images enter every kamal model as float tensors in [0, 1]; each model normalises with
-    its own ``mean``/``std``, so teachers trained with different normalisations can share a
-    batch. Teachers of one run must agree on ``channels`` and ``size``.
+    its own ``mean``/``std``. ``resize``, ``resize_to``, ``interpolation`` and ``backend``
+    are the model's eval transform (:class:`~kamal.data.transforms.ImageView`): every model
+    of a run reads each image through its own, so teachers trained at different
+    resolutions, crops and normalisations amalgamate in one run.
     """
 
     channels: int
     size: tuple[int, int]
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    resize: str = "shorter"
+    resize_to: tuple[int, ...] = ()
+    interpolation: str = "bilinear"
+    backend: str = "tensor"
+
+    @property
+    def view(self) -> ImageView:
+        """The eval transform as a hashable :class:`~kamal.data.transforms.ImageView`."""
+        from .data.transforms import ImageView
+
+        return ImageView(self.channels, (int(self.size[0]), int(self.size[1])), self.resize,
+                         tuple(int(s) for s in self.resize_to), self.interpolation, self.backend)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for ``config.json``."""
+        view = self.view
         return {"channels": self.channels, "size": list(self.size),
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "resize_to": list(view.resize_to), "interpolation": self.interpolation,
+                "backend": self.backend}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (repos written before the transform fields read as
+        the default transform)."""
         return cls(int(data["channels"]), tuple(data["size"]), tuple(data["mean"]),
-                   tuple(data["std"]))
+                   tuple(data["std"]), str(data.get("resize", "shorter")),
+                   tuple(int(s) for s in data.get("resize_to") or ()),
+                   str(data.get("interpolation", "bilinear")), str(data.get("backend", "tensor")))
 
 
 class Meter(ABC):
@@ -112,6 +133,12 @@ class Task(ABC):
         For classification, logits go to the merged class positions; positions the teacher
         does not know are filled with ``-inf`` (callers mask or combine them).
         """
+
+    def resize_output(self, output: Tensor, size: Sequence[int]) -> Tensor:
+        """``output`` for an image of spatial ``size``: dense tasks resample their maps
+        (a teacher reading another resolution than the student, or labels at the data's
+        size); the default, for per-image outputs, returns it unchanged."""
+        return output
 
     def map_targets(self, dataset_classes: Sequence[str] | None, targets: Tensor) -> Tensor:
         """Map dataset targets into this task's label space (-1 = not in this task)."""
@@ -192,9 +219,12 @@ class Teacher:
         return self
 
     @torch.no_grad()  # as the TeacherRunner: outputs may enter autograd later without a copy
-    def __call__(self, images: Tensor) -> dict[str, Tensor]:
-        """The frozen teacher's outputs, ``{task_name: output}``; no gradient is recorded."""
-        return self.model(images)
+    def __call__(self, images: Tensor | ViewBatch) -> dict[str, Tensor]:
+        """The frozen teacher's outputs, ``{task_name: output}``; no gradient is recorded.
+        Given a :class:`~kamal.data.transforms.ViewBatch`, the teacher reads its own view."""
+        from .data.transforms import model_input
+
+        return self.model(model_input(self.model, images))
 
     def num_parameters(self) -> int:
         """Number of parameters."""
@@ -233,3 +263,6 @@ class StudentSpec:
     architecture: str
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
     task_names: dict[str, str] = field(default_factory=dict)
+    # what the student reads (the run resolves ``student.input``); None: the teachers' input
+    # when they all read images the same way
+    input_spec: InputSpec | None = None

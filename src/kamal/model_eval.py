@@ -10,7 +10,13 @@ from typing import Any
 from . import report as reporting
 from .config import TeacherRef
 from .data.base import build_dataset, split_data_ref
-from .data.views import check_data_matches, check_label_names, image_batches, require_labels
+from .data.views import (
+    ViewPlan,
+    check_data_matches,
+    check_label_names,
+    image_batches,
+    require_labels,
+)
 from .engine import resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
@@ -50,9 +56,11 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
         result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
         merger = LogitMerger(teachers, model.tasks)
         if merger.targets:  # classification tasks only; dense teachers are listed alone
-            batches = track(image_batches(dataset), "calibrating the teachers",
-                            -(-len(dataset) // 256))  # image_batches' batch size
+            plan = ViewPlan.of(model.input_spec, [t.input_spec for t in teachers])
+            batches = track(image_batches(dataset, 256, plan), "calibrating the teachers",
+                            -(-len(dataset) // 256))
             merger.calibrate(teachers, batches, device)
             result["ensemble"] = {"metrics": evaluate(lambda x: merger([t(x) for t in teachers]),
-                                                      merger.targets, dataset, device)}
+                                                      merger.targets, dataset, device,
+                                                      views=plan.views)}
     return result

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .amalgamator import Amalgamator
 from .data.base import ImageDataset
-from .data.views import image_batches
+from .data.views import ViewPlan, image_batches
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .interfaces import Student, Teacher
 from .merging import LogitMerger
@@ -23,7 +23,8 @@ def model_entry(model: Student, data: ImageDataset | None, device: torch.device,
     spec = model.input_spec
     entry: dict[str, Any] = {"name": name}
     if data is not None:
-        entry["metrics"] = evaluate(model, model.tasks, data, device)
+        entry["metrics"] = evaluate(model, model.tasks, data, device, views=[spec.view])
+    entry["input"] = spec.to_dict()
     entry["params"] = count_parameters(model)
     entry["latency_ms"] = cpu_latency_ms(model, spec.channels, spec.size)
     return entry
@@ -52,15 +53,17 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         "teachers": [teacher_entry(t, eval_data, device) for t in teachers],
         "shared_classes": shared_classes(teachers),
     }
+    plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     if eval_data is not None:
         for mode in ("standardize", "naive"):
             merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
             if mode != "naive":  # the naive merge has nothing to measure
-                merger.calibrate(teachers, image_batches(calibration_data, batch_size), device)
+                merger.calibrate(teachers, image_batches(calibration_data, batch_size, plan),
+                                 device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
-                               eval_data, device)
+                               eval_data, device, views=plan.views)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}
     return report

@@ -27,9 +27,11 @@ from .data.base import ImageDataset
 from .data.views import (
     IndexedView,
     UnlabeledView,
+    ViewPlan,
     calibration_sample,
     check_data_matches,
     check_label_names,
+    check_views,
     dataset_from_ref,
     image_batches,
     require_labels,
@@ -39,7 +41,7 @@ from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
 from .loggers import RunLoggers
-from .models.base import check_class_names, common_input_spec
+from .models.base import check_class_names, student_input_spec
 from .plugins import get_registry
 from .progress import set_enabled as show_progress
 from .progress import track
@@ -77,8 +79,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
     cls.check_teachers(teachers)
     check_class_names(teachers)
-    spec = common_input_spec(teachers)
     transfer = dataset_from_ref(cfg.data.transfer, "data.transfer")
+    spec = student_input_spec(teachers, cfg.student.input.model_dump())
     check_data_matches(transfer, spec, "data.transfer")
     eval_data = dataset_from_ref(cfg.data.eval, "data.eval") if cfg.data.eval else None
     if eval_data is not None:
@@ -89,13 +91,15 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
                               every_class=False)
 
     amalgamator = cls(algo_cfg, teachers, StudentSpec(
-        cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names))
+        cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names, spec))
     student = amalgamator.build_student().to(device)
+    plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
+    check_views(plan, teachers, cls.name, cls.mixed_views, _mixed_view_algorithms)
     if eval_data is not None:
         check_label_names(eval_data, student.tasks, "the student", "data.eval", every_class=True)
     for teacher in teachers:
         teacher.to(device)
-    resolved = _resolved_config(cfg, teachers, base_dir)
+    resolved = _resolved_config(cfg, teachers, student, base_dir)
     if resume:
         check_resume_matches(out, resolved)
     calibration = calibration_sample(transfer, cfg.train.calibration_images, cfg.train.seed)
@@ -104,19 +108,20 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
               "(train.calibration_images)", file=sys.stderr)
     # batches of the training size: teachers at full resolution must fit the device here too
     batches = -(-len(calibration) // cfg.train.batch_size)
-    amalgamator.setup(student, track(image_batches(calibration, cfg.train.batch_size),
+    amalgamator.setup(student, track(image_batches(calibration, cfg.train.batch_size, plan),
                                      "calibrating on the transfer data", batches))
     if distributed.is_main_process():
-        (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers)
+        (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers) + _input_notes(teachers)
                                            + yaml.safe_dump(resolved, sort_keys=False))
     step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
-                            teacher_channels_last=cfg.train.teacher_channels_last)
+                            teacher_channels_last=cfg.train.teacher_channels_last, plan=plan)
     local = distributed.shard(transfer, cfg.train.seed)
     step.cache = build_teacher_cache(step, transfer, cfg, out, device, local)
 
     trainer = Trainer(
         modules={"student": student, **amalgamator.trainable_modules()},
-        dataset=IndexedView(local) if step.cache else UnlabeledView(local), step_fn=step,
+        dataset=(IndexedView(local, plan.views[plan.student:plan.student + 1]) if step.cache
+                 else UnlabeledView(local, plan.views)), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=_evaluator(student, eval_data, device), objective=Objective.of(student),
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,
@@ -176,18 +181,32 @@ def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
     return cls, algo_cfg
 
 
+def _mixed_view_algorithms() -> list[str]:
+    """Installed algorithms that take teachers at their own resolution (for a suggestion)."""
+    registry, names = get_registry(), []
+    for name in registry.names("amalgamators"):
+        try:
+            if getattr(registry.get("amalgamators", name), "mixed_views", False):
+                names.append(name)
+        except Exception:  # noqa: BLE001 - a plugin that fails to load is no suggestion
+            continue
+    return names
+
+
 def _evaluator(student: Student, eval_data: ImageDataset | None, device: torch.device):
     if eval_data is None:
         return None
 
     def evaluator() -> dict[str, dict[str, float]]:
         student.eval()
-        return evaluate(student, student.tasks, eval_data, device)
+        return evaluate(student, student.tasks, eval_data, device,
+                        views=[student.input_spec.view])
 
     return evaluator
 
 
-def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dict[str, Any]:
+def _resolved_config(cfg: RunConfig, teachers: list[Teacher], student: Student,
+                     base: Path) -> dict[str, Any]:
     """The run's config with teacher revisions pinned and paths absolute (``config.yaml``)."""
     data = cfg.model_dump(exclude_none=True)
     for entry, teacher in zip(data["teachers"], teachers, strict=True):
@@ -195,7 +214,16 @@ def _resolved_config(cfg: RunConfig, teachers: list[Teacher], base: Path) -> dic
             entry["revision"] = teacher.source["revision"]
         else:
             entry["path"] = str((base / entry["path"]).resolve())
+    spec = student.input_spec.to_dict()  # what the student read, resolved and re-runnable
+    data["student"]["input"] = {k: v for k, v in spec.items() if k != "channels"}
     return data
+
+
+def _input_notes(teachers: list[Teacher]) -> str:
+    """YAML comments for ``config.yaml``: how each teacher read the images (from its repo)."""
+    return "".join(f"# teachers.{i} '{t.name}' reads {t.input_spec.view.describe()}, mean "
+                   f"{list(t.input_spec.mean)}, std {list(t.input_spec.std)}\n"
+                   for i, t in enumerate(teachers))
 
 
 def _cache_notes(teachers: list[Teacher]) -> str:

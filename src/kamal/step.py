@@ -21,7 +21,8 @@ from .amalgamator import Amalgamator
 from .cache import TeacherCache, choose_mode, fingerprint
 from .config import RunConfig
 from .data.base import ImageDataset
-from .data.views import UnlabeledView
+from .data.transforms import ViewBatch, model_input
+from .data.views import UnlabeledView, ViewPlan
 from .engine import StepInfo
 from .errors import KamalError
 from .features import FeatureTap
@@ -33,7 +34,9 @@ from .teachers import Switch, TeacherOutputs, TeacherRunner
 class AmalgamationStep:
     """One training step of an amalgamation: frozen teachers, then the student, then losses.
 
-    With a :class:`~kamal.cache.TeacherCache`, batches are ``(indices, images)`` and the
+    Loader items are images: a tensor, or one tensor per view of ``plan`` when the models
+    read images differently (:class:`~kamal.data.views.ViewPlan`). With a
+    :class:`~kamal.cache.TeacherCache`, batches are ``(indices, student images)`` and the
     teachers are not run at all: their outputs come from the cache. ``batch_teachers`` and
     ``teacher_channels_last`` (``train.`` fields of the same names) choose how the teachers
     run (:class:`~kamal.teachers.TeacherRunner`).
@@ -45,27 +48,33 @@ class AmalgamationStep:
     cache: TeacherCache | None = None
     batch_teachers: Switch = "auto"
     teacher_channels_last: Switch = "auto"
+    plan: ViewPlan | None = None
 
     def __post_init__(self) -> None:
         request = self.amalgamator.feature_layers()
         self.teacher_layers = request.teachers or [[] for _ in self.teachers]
         self.student_layers = request.student
+        self.plan = self.plan or ViewPlan.of(self.student.input_spec,
+                                             [t.input_spec for t in self.teachers])
         self.runner = TeacherRunner(self.teachers, self.teacher_layers, self.batch_teachers,
-                                    self.teacher_channels_last)
+                                    self.teacher_channels_last, self.student.input_spec.size)
 
-    def run_teachers(self, images: Tensor) -> TeacherOutputs:
-        """Outputs and requested features of every teacher for ``images`` (no grad)."""
+    def run_teachers(self, images: Tensor | ViewBatch) -> TeacherOutputs:
+        """Outputs and requested features of every teacher for ``images`` (no grad); dense
+        outputs at the student's size."""
         return self.runner(images)
 
     def batch(self, data: Any, info: StepInfo | None = None) -> Batch:
         """The :class:`~kamal.interfaces.Batch` for one loader item (images, or
         ``(indices, images)`` when the cache is on)."""
+        assert self.plan is not None
         if self.cache is not None:
             indices, images = data
             teacher_outputs, teacher_features = self.cache.lookup(indices, images.device)
         else:
-            images = data
-            teacher_outputs, teacher_features = self.run_teachers(images)
+            views = self.plan.batch(data)
+            teacher_outputs, teacher_features = self.run_teachers(views)
+            images = model_input(self.student, views)
         with FeatureTap(self.student.features, self.student_layers, "student") as tap:
             student_outputs = self.student(images)
         info = info or StepInfo("main", 0, 0)
@@ -76,13 +85,17 @@ class AmalgamationStep:
         return self.amalgamator.losses(self.batch(data, info))
 
 
-def build_batch(amalgamator: Amalgamator, images: Tensor, info: StepInfo | None = None) -> Batch:
+def build_batch(amalgamator: Amalgamator, images: Tensor | ViewBatch,
+                info: StepInfo | None = None) -> Batch:
     """The :class:`~kamal.interfaces.Batch` the engine would give ``amalgamator.losses`` for
     ``images``: its teachers and its (set-up) student run with the layers it requests tapped.
     For tests and notebooks; the engine builds batches the same way."""
     if amalgamator.student is None:
         raise KamalError("build_batch: call amalgamator.setup(student, images) first")
     step = AmalgamationStep(amalgamator.teachers, amalgamator.student, amalgamator)
+    if isinstance(images, ViewBatch):
+        assert step.plan is not None
+        images = tuple(images.tensors[view] for view in step.plan.views)
     return step.batch(images, info)
 
 
@@ -95,8 +108,10 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     requested = cfg.train.teacher_cache
     if requested == "off":
         return None
-    probe = next(iter(DataLoader(UnlabeledView(local), batch_size=8))).to(device)
-    outputs, features = step.run_teachers(probe)
+    assert step.plan is not None
+    views = step.plan.views
+    probe = next(iter(DataLoader(UnlabeledView(local, views), batch_size=8)))
+    outputs, features = step.run_teachers(step.plan.batch(probe).to(device))
     per_sample = sum(v.numel() * v.element_size() for d in (*outputs, *features)
                      for v in d.values()) / len(probe)
     estimate = int(per_sample * len(local))  # type: ignore[arg-type]
@@ -109,8 +124,9 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
         folder = folder / f"process{distributed.rank()}"
         shard = f"shard {distributed.rank()}/{distributed.world_size()} seed {cfg.train.seed}"
     cache = TeacherCache(mode, folder)
-    key = fingerprint(step.teachers, step.teacher_layers, local,
-                      cfg.data.transfer.model_dump_json() + shard)
-    cache.build(UnlabeledView(local), lambda x: step.run_teachers(x.to(device)),
+    key = fingerprint(step.teachers, step.teacher_layers, local, cfg.data.transfer.model_dump_json()
+                      + shard + f" outputs at {tuple(step.student.input_spec.size)}")
+    cache.build(UnlabeledView(local, views),
+                lambda x: step.run_teachers(step.plan.batch(x).to(device)),  # type: ignore[union-attr]
                 cfg.train.batch_size, key)
     return cache

@@ -76,7 +76,7 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
 
     def evaluator() -> dict[str, dict[str, float]]:
         model.eval()
-        return evaluate(model, [task], eval_data, device)
+        return evaluate(model, [task], eval_data, device, views=[spec.view])
 
     trainer = Trainer(modules={"student": model}, dataset=distributed.shard(train_data, cfg.train.seed),
                       step_fn=step, cfg=cfg.train, output_dir=out, device=device,

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .data.transforms import ViewBatch, model_input
 from .features import FeatureTap
 from .interfaces import Teacher
 
@@ -68,8 +69,8 @@ def group_key(teacher: Teacher, layers: Sequence[str]) -> tuple[Any, ...] | None
     tasks = tuple((type(t).__qualname__, t.kind, t.num_outputs) for t in model.tasks)
     state = tuple((name, tuple(value.shape), value.dtype, value.device)
                   for name, value in chain(model.named_parameters(), model.named_buffers()))
-    return (architecture, kwargs, tasks, spec.channels, tuple(spec.size), tuple(spec.mean),
-            tuple(spec.std), tuple(layers), state)
+    return (architecture, kwargs, tasks, spec.view, tuple(spec.mean), tuple(spec.std),
+            tuple(layers), state)
 
 
 def has_conv2d(model: nn.Module) -> bool:
@@ -90,7 +91,8 @@ class _Single:
             self.model = copy.deepcopy(teacher.model).to(memory_format=torch.channels_last)
         self.tap = FeatureTap(self.model.features, layers, teacher.name)
 
-    def run(self, images: Tensor, outputs: list[Any], features: list[Any]) -> None:
+    def run(self, images: Tensor | ViewBatch, outputs: list[Any], features: list[Any]) -> None:
+        images = model_input(self.teacher.model, images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.tap as tap:
@@ -123,7 +125,8 @@ class _Group:
         self.call = torch.func.vmap(one, in_dims=(0, 0, None))
         self.checked = False
 
-    def run(self, images: Tensor, outputs: list[Any], features: list[Any]) -> None:
+    def run(self, images: Tensor | ViewBatch, outputs: list[Any], features: list[Any]) -> None:
+        images = model_input(self.template, images)
         stacked_out, stacked_feat = self.call(self.params, self.buffers, images)
         for j, index in enumerate(self.indices):
             outputs[index] = {name: value[j] for name, value in
@@ -137,13 +140,18 @@ class _Group:
 class TeacherRunner:
     """Outputs and requested features of every teacher for a batch of images.
 
+    Each teacher reads its own view of a :class:`~kamal.data.transforms.ViewBatch`; with
+    ``output_size`` (the student's input size), dense outputs (segmentation logits, depth
+    maps) are resized to it, so teachers at other resolutions give the student's maps.
     ``batch`` and ``channels_last`` are ``auto``/``on``/``off`` (see the module docstring);
     they are resolved on the first call, for the device of the images.
     """
 
     def __init__(self, teachers: Sequence[Teacher], layers: Sequence[Sequence[str]],
-                 batch: Switch = "auto", channels_last: Switch = "auto") -> None:
+                 batch: Switch = "auto", channels_last: Switch = "auto",
+                 output_size: Sequence[int] | None = None) -> None:
         self.teachers = list(teachers)
+        self.output_size = tuple(output_size) if output_size is not None else None
         self.layers = [list(x) for x in layers]
         self.batch = batch
         self.channels_last = channels_last
@@ -152,9 +160,10 @@ class TeacherRunner:
         self.units: list[_Single | _Group] = []
 
     @torch.no_grad()  # not inference_mode: outputs join the student's graph without a copy
-    def __call__(self, images: Tensor) -> TeacherOutputs:
-        if self.device != images.device:
-            self._plan(images.device)
+    def __call__(self, images: Tensor | ViewBatch) -> TeacherOutputs:
+        device = model_input(self.teachers[0].model, images).device
+        if self.device != device:
+            self._plan(device)
         outputs: list[Any] = [None] * len(self.teachers)
         features: list[Any] = [None] * len(self.teachers)
         for unit in list(self.units):
@@ -162,7 +171,16 @@ class TeacherRunner:
                 self._run_checked(unit, images, outputs, features)
             else:
                 unit.run(images, outputs, features)
+        if self.output_size is not None:
+            outputs = [self._resized(teacher, out) for teacher, out in zip(self.teachers, outputs,
+                                                                            strict=True)]
         return outputs, features
+
+    def _resized(self, teacher: Teacher, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        assert self.output_size is not None
+        tasks = {task.name: task for task in teacher.tasks}
+        return {name: tasks[name].resize_output(value, self.output_size) if name in tasks
+                else value for name, value in outputs.items()}
 
     def describe(self) -> dict[str, Any]:
         """How the teachers run (after the first call): vmapped groups, channels-last ones."""
@@ -201,7 +219,7 @@ class TeacherRunner:
                                  channels_last and has_conv2d(teacher.model)))
         self.units = units
 
-    def _run_checked(self, group: _Group, images: Tensor, outputs: list[Any],
+    def _run_checked(self, group: _Group, images: Tensor | ViewBatch, outputs: list[Any],
                      features: list[Any]) -> None:
         """First batch of a group: vmapped and one by one must agree, else fall back."""
         singles = [_Single(i, self.teachers[i], self.layers[i], False) for i in group.indices]

@@ -14,6 +14,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ..amalgamator import Amalgamator
+from ..data.transforms import ViewBatch
 from ..distillation import KDTerm, KDTermConfig
 from ..interfaces import Batch, Student
 
@@ -30,8 +31,9 @@ class KDAmalgamator(Amalgamator):
     name = "kd"
     Config = KDConfig
     config: KDConfig
+    mixed_views = True  # it compares outputs only; the runner brings dense ones to the student
 
-    def setup(self, student: Student, transfer_images: Iterable[Tensor]) -> None:
+    def setup(self, student: Student, transfer_images: Iterable[Tensor | ViewBatch]) -> None:
         super().setup(student, transfer_images)
         self.kd = KDTerm(self.config, self.teachers, student.tasks)
         self.kd.calibrate(self.teachers, transfer_images, next(student.parameters()).device)

@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from .base import ImageDataset
+from .transforms import ImageView
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LABEL_MODES = ("none", "folders")
-
-
-def fit_square(image: Tensor, size: int) -> Tensor:
-    """``(C, H, W)`` in [0, 1] -> ``(C, size, size)``: the shorter side resized to ``size``
-    (aspect kept, antialiased), then the centre cropped: nothing is squashed."""
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    if (h, w) != new:
-        image = torch.nn.functional.interpolate(image[None], size=new, mode="bilinear",
-                                                align_corners=False, antialias=True)[0]
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return image[:, top:top + size, left:left + size].clamp(0, 1)
 
 
 class ImageFolderDataset(ImageDataset):
@@ -51,16 +39,22 @@ class ImageFolderDataset(ImageDataset):
         else:
             self.labels = [-1] * len(self.files)
 
+        # the data's own view: the shorter side to ``size``, then the centre crop
+        self.view = ImageView(channels, self.size)
+
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def source(self, index: int) -> tuple[Any, int]:
+        """The decoded image (a PIL image, before any model's view) and its label."""
         from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
 
         with Image.open(self.files[index]) as file:
-            image = pil_to_tensor(file.convert("L" if self.channels == 1 else "RGB"))
-        return fit_square(image.float() / 255.0, self.size[0]), self.labels[index]
+            return file.convert("L" if self.channels == 1 else "RGB"), self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.source(index)
+        return self.view(image), label
 
 
 def build_image_folder(split: str | None = None, root: str = "", size: int = 32,
@@ -88,14 +82,18 @@ class _TorchvisionAdapter(ImageDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def source(self, index: int) -> tuple[Any, int]:
+        """The dataset's PIL image (before any model's view) and its label."""
+        image, label = self.dataset[index]
+        return image, int(label)
+
     def __getitem__(self, index: int):
         from torchvision.transforms.functional import pil_to_tensor
 
-        image, label = self.dataset[index]
-        tensor = pil_to_tensor(image).float() / 255.0
+        image, label = self.source(index)
         if self.size_override:
-            tensor = fit_square(tensor, self.size_override)
-        return tensor, int(label)
+            return ImageView(len(image.getbands()), (self.size_override,) * 2)(image), label
+        return pil_to_tensor(image).float() / 255.0, label
 
 
 def build_torchvision(split: str | None = None, variant: str = "", root: str = "data",

@@ -3,12 +3,19 @@
 Amalgamation never reads labels: the engine trains on :class:`UnlabeledView` (or on
 :class:`IndexedView` when teacher outputs come from the cache, whose rows are found by
 sample index); algorithms calibrate on :func:`image_batches`.
+
+Each model reads an image through its own :class:`~kamal.data.transforms.ImageView`; a
+:class:`ViewPlan` lists the distinct views of a run and who reads which. Given views, a
+dataset view decodes each source image once and gives one tensor per view (a tuple, which
+the DataLoader collates; :meth:`ViewPlan.batch` makes it a
+:class:`~kamal.data.transforms.ViewBatch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,44 +24,127 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..errors import ConfigError, RegistryError
 from ..tasks.classification import NamedClassesTask
 from .base import ImageDataset, build_dataset
+from .transforms import ImageView, ViewBatch
+
+# task kinds whose outputs are maps over the image (their pixels must line up across views)
+DENSE_KINDS = ("segmentation", "depth")
 
 if TYPE_CHECKING:
     from ..config import DataRef
     from ..interfaces import InputSpec, Task
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """The distinct views of a run (the student's first) and which one each model reads."""
+
+    views: tuple[ImageView, ...]
+    student: int
+    teachers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, student: InputSpec, teachers: Sequence[InputSpec]) -> ViewPlan:
+        """The plan for a student and its teachers' input specs."""
+        views: list[ImageView] = [student.view]
+        for spec in teachers:
+            if spec.view not in views:
+                views.append(spec.view)
+        return cls(tuple(views), 0, tuple(views.index(spec.view) for spec in teachers))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some model reads the images differently from the student."""
+        return len(self.views) > 1
+
+    def batch(self, data: Tensor | Sequence[Tensor]) -> Tensor | ViewBatch:
+        """A loader's batch (a tensor for one view, a tuple for several) as models take it."""
+        if isinstance(data, Tensor):
+            return data
+        return ViewBatch(dict(zip(self.views, data, strict=True)))
+
+
 class SampleView(Dataset):
     """A dataset of ``(image, label)`` items seen another way; :meth:`image` gives sample
-    ``index``'s image whatever the view's items are (the Trainer fetches images by it)."""
+    ``index``'s image whatever the view's items are (the Trainer fetches images by it).
 
-    def __init__(self, dataset: Dataset) -> None:
+    With ``views``, each item's image is the source image through each view: a tensor for
+    one view, a tuple of tensors for several (``image`` then gives a
+    :class:`~kamal.data.transforms.ViewBatch` of the single image).
+    """
+
+    def __init__(self, dataset: Dataset, views: Sequence[ImageView] | None = None) -> None:
         self.dataset = dataset
+        self.views = tuple(views) if views else None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def image(self, index: int) -> Tensor:
-        """The image of sample ``index``."""
-        return self.dataset[index][0]
+    def pixels(self, index: int) -> Tensor | tuple[Tensor, ...]:
+        """Sample ``index``'s image: as the dataset gives it, or through each view."""
+        if self.views is None:
+            return self.dataset[index][0]
+        image = source_image(self.dataset, index)
+        if len(self.views) == 1:
+            return self.views[0](image)
+        return tuple(view(image) for view in self.views)
+
+    def image(self, index: int) -> Tensor | ViewBatch:
+        """The image of sample ``index`` (a single-image ViewBatch for several views)."""
+        pixels = self.pixels(index)
+        if isinstance(pixels, Tensor):
+            return pixels
+        assert self.views is not None
+        return ViewBatch(dict(zip(self.views, pixels, strict=True)))
 
 
 class UnlabeledView(SampleView):
     """The images of a dataset without its labels."""
 
-    def __getitem__(self, index: int) -> Tensor:
-        return self.image(index)
+    def __getitem__(self, index: int) -> Tensor | tuple[Tensor, ...]:
+        return self.pixels(index)
 
 
 class IndexedView(SampleView):
     """``(index, image)`` pairs: the index finds a sample's cached teacher outputs."""
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        return index, self.image(index)
+    def __getitem__(self, index: int) -> tuple[int, Tensor | tuple[Tensor, ...]]:
+        return index, self.pixels(index)
 
 
-def image_batches(dataset: Dataset, batch_size: int = 256) -> Iterator[Tensor]:
-    """The dataset's images in order, in batches, without labels."""
-    yield from DataLoader(UnlabeledView(dataset), batch_size=batch_size, shuffle=False)
+class LabelledView(SampleView):
+    """``(image, label)`` items with the image through the views (for evaluation)."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor | tuple[Tensor, ...], Any]:
+        if self.views is None:
+            return self.dataset[index]
+        image, label = source_item(self.dataset, index)
+        pixels = (self.views[0](image) if len(self.views) == 1
+                  else tuple(view(image) for view in self.views))
+        return pixels, label
+
+
+def source_item(dataset: Dataset, index: int) -> tuple[Any, Any]:
+    """``(source image, label)`` of sample ``index``: the image before any model's view
+    (a PIL image for files), found through ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        index = dataset.indices[index]
+        dataset = dataset.dataset
+    source = getattr(dataset, "source", None)
+    return source(index) if source is not None else dataset[index]
+
+
+def source_image(dataset: Dataset, index: int) -> Any:
+    """The source image of sample ``index`` (see :func:`source_item`)."""
+    return source_item(dataset, index)[0]
+
+
+def image_batches(dataset: Dataset, batch_size: int = 256,
+                  plan: ViewPlan | None = None) -> Iterator[Tensor | ViewBatch]:
+    """The dataset's images in order, in batches, without labels: tensors, or with a mixed
+    ``plan`` :class:`~kamal.data.transforms.ViewBatch` es."""
+    views = plan.views if plan is not None else None
+    for data in DataLoader(UnlabeledView(dataset, views), batch_size=batch_size, shuffle=False):
+        yield plan.batch(data) if plan is not None else data
 
 
 def calibration_sample(dataset: Dataset, count: int, seed: int) -> Dataset:
@@ -77,12 +167,35 @@ def dataset_from_ref(ref: DataRef, key: str) -> ImageDataset:
 
 
 def check_data_matches(dataset: ImageDataset, spec: InputSpec, key: str) -> None:
-    """The images must have the channels and size the models expect."""
-    got = (dataset.channels, *dataset.size)
-    want = (spec.channels, *spec.size)
-    if tuple(got) != tuple(want):
-        raise ConfigError(f"{key}: images are {got[0]}x{got[1]}x{got[2]} but the models expect "
-                          f"{want[0]}x{want[1]}x{want[2]}; set {key}.size (or use matching data)")
+    """The images must have the channels the models read (each model resizes and crops
+    them through its own view)."""
+    if dataset.channels != spec.channels:
+        raise ConfigError(f"{key}: images have {dataset.channels} channel(s) but the models read "
+                          f"{spec.channels}; set {key}.channels (or use matching data)")
+
+
+def check_views(plan: ViewPlan, teachers: Sequence[Any], algorithm: str, accepts_mixed: bool,
+                mixed_algorithms: Callable[[], Sequence[str]]) -> None:
+    """Teachers reading images differently from the student need an algorithm that accepts
+    it; a dense teacher's maps must cover the part of the image the student's cover."""
+    student = plan.views[plan.student]
+    differ = [(t, plan.views[v]) for t, v in zip(teachers, plan.teachers, strict=True)
+              if v != plan.student]
+    if differ and not accepts_mixed:
+        listing = "; ".join(f"'{t.name}' reads {view.describe()}" for t, view in differ)
+        raise ConfigError(
+            f"algorithm '{algorithm}' compares the teachers and the student at the same pixels, "
+            f"so every teacher must read the images as the student does ({student.describe()}), "
+            f"but {listing}. Set student.input to the teachers' input, or use an algorithm "
+            f"that takes each teacher at its own resolution ({', '.join(mixed_algorithms())})")
+    for teacher, view in differ:
+        dense = [task.name for task in teacher.tasks if task.kind in DENSE_KINDS]
+        if dense and view.field() != student.field():
+            raise ConfigError(
+                f"teacher '{teacher.name}' ({', '.join(dense)}) reads {view.describe()}, which "
+                f"covers another part of the image than the student's {student.describe()}, so "
+                "its maps would not line up with the student's; give the student the same "
+                "resize and crop (student.input: resize, resize_to or crop_pct)")
 
 
 def require_labels(dataset: ImageDataset, key: str) -> None:

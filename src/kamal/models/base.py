@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.transforms import ViewBatch, model_input
 from ..errors import ConfigError, KamalError, ModelRepoError
 from ..interfaces import InputSpec, Student, StudentSpec, Task, Teacher
 from ..plugins import get_registry
@@ -104,7 +105,8 @@ class KamalModel(Student):
     def features(self) -> nn.Module:
         return self.net
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor | ViewBatch) -> dict[str, Tensor]:
+        images = model_input(self, images)
         out = self.net((images - self.mean) / self.std)
         if isinstance(out, Tensor):
             return {self.tasks[0].name: out}
@@ -184,21 +186,65 @@ def check_class_names(teachers: Sequence[Teacher]) -> None:
             f"{{index: name}}) in teachers.{i}. The teachers' classes now: {listing}")
 
 
-def common_input_spec(teachers: Sequence[Teacher]) -> InputSpec:
-    """The input spec all teachers share (channels and size), or a clear error."""
-    first = teachers[0]
-    for teacher in teachers[1:]:
-        a, b = first.input_spec, teacher.input_spec
-        if (a.channels, tuple(a.size)) != (b.channels, tuple(b.size)):
-            raise KamalError(
-                f"teachers disagree on their input: '{first.name}' expects {a.channels} channels "
-                f"at {tuple(a.size)}, '{teacher.name}' expects {b.channels} channels at "
-                f"{tuple(b.size)}. Amalgamated teachers must read the same images."
-            )
-    return first.input_spec
+def student_input_spec(teachers: Sequence[Teacher],
+                       given: dict[str, Any] | None = None) -> InputSpec:
+    """The student's input: ``given`` (``student.input`` of the run config) over defaults
+    that do not depend on the teachers' order.
+
+    The teachers must agree on channels. Size and transform: the teachers' when they all
+    read images the same way, else the largest teacher size with kamal's default transform
+    (the shorter side resized, the centre kept, bilinear). Mean/std: the teachers' when they
+    agree, else their per-channel average.
+    """
+    specs = [t.input_spec for t in teachers]
+    channels = {s.channels for s in specs}
+    if len(channels) > 1:
+        listing = ", ".join(f"'{t.name}' {t.input_spec.channels}" for t in teachers)
+        raise KamalError(f"teachers disagree on image channels ({listing}); amalgamated "
+                         "teachers must read the same kind of image (all RGB or all grey)")
+    first = specs[0]
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    same_view = all(s.view == first.view for s in specs)
+    if same_view and "size" not in given:
+        base = {"size": tuple(first.size), "resize": first.resize, "resize_to": first.resize_to,
+                "interpolation": first.interpolation, "backend": first.backend}
+    else:
+        base = {"size": max((tuple(s.size) for s in specs), key=lambda hw: (hw[0] * hw[1], hw))}
+    base.update({"mean": _agreed(specs, "mean"), "std": _agreed(specs, "std")})
+    base.update(given)
+    side = base["size"]
+    hw = (int(side), int(side)) if isinstance(side, int) else tuple(int(v) for v in side)
+    crop_pct = base.pop("crop_pct", None)
+    if crop_pct is not None and not base.get("resize_to"):
+        import math
+
+        scaled = (math.floor(hw[0] / crop_pct), math.floor(hw[1] / crop_pct))
+        base["resize_to"] = scaled[:1] if base.get("resize", "shorter") == "shorter" else scaled
+    spec = InputSpec(first.channels, hw, tuple(base["mean"]), tuple(base["std"]),
+                     base.get("resize", "shorter"), tuple(base.get("resize_to") or ()),
+                     base.get("interpolation", "bilinear"), base.get("backend", "tensor"))
+    from ..data.transforms import view_problem
+
+    problem = view_problem(spec.channels, spec.size, spec.resize, spec.resize_to,
+                           spec.interpolation, spec.backend)
+    if problem:
+        raise ConfigError(f"student.input: {problem}")
+    _per_channel(spec.mean, spec.channels)
+    _per_channel(spec.std, spec.channels)
+    return spec
+
+
+def _agreed(specs: Sequence[InputSpec], field: str) -> tuple[float, ...]:
+    """The specs' ``mean`` or ``std`` when equal, else their per-channel average."""
+    values = [tuple(getattr(s, field)) for s in specs]
+    if len(set(values)) == 1:
+        return values[0]
+    rows = [_per_channel(v, specs[0].channels) for v in values]
+    return tuple(round(sum(column) / len(rows), 6) for column in zip(*rows, strict=True))
 
 
 def build_student_for(spec: StudentSpec, teachers: Sequence[Teacher]) -> KamalModel:
-    """Build ``spec``'s architecture with the teachers' merged tasks and shared input."""
+    """Build ``spec``'s architecture with the teachers' merged tasks and the spec's input
+    (default: :func:`student_input_spec` of the teachers)."""
     return KamalModel(spec.architecture, merge_tasks(teachers, spec.task_names),
-                      common_input_spec(teachers), spec.architecture_kwargs)
+                      spec.input_spec or student_input_spec(teachers), spec.architecture_kwargs)

@@ -33,25 +33,31 @@ def select_classes(folder: Path, head: int, labels: list[str], classes: Classes
     return [names.index(str(c)) for c in classes], [str(c) for c in classes], False
 
 
-def check_input_spec(folder: Path, size: Any, mean: Any, std: Any) -> InputSpec:
+def check_input_spec(folder: Path, size: Any, mean: Any, std: Any, resize: str = "shorter",
+                     resize_to: Any = (), interpolation: str = "bilinear",
+                     backend: str = "tensor") -> InputSpec:
     """An :class:`~kamal.InputSpec` from a repo's preprocessing values, or a clear error for
-    absurd ones (size 0, negative or huge, std 0, a channel count that does not match)."""
+    absurd ones (size 0, negative or huge, std 0, a channel count that does not match, an
+    eval transform kamal cannot reproduce)."""
+    from ..data.transforms import view_problem
+
     try:
         channels, height, width = (int(v) for v in size)
         mean, std = [float(v) for v in mean], [float(v) for v in std]
+        resize_to = tuple(int(v) for v in resize_to or ())
     except (TypeError, ValueError):
         raise ModelRepoError(f"{folder}/config.json: input_size must be [channels, height, width] "
                              f"and mean/std lists of numbers, got {size}, {mean}, {std}") from None
     problems = []
-    if channels not in (1, 3, 4):
-        problems.append(f"{channels} channels")
-    if not (1 <= height <= 8192 and 1 <= width <= 8192):
-        problems.append(f"size {height}x{width}")
+    problem = view_problem(channels, (height, width), resize, resize_to, interpolation, backend)
+    if problem:
+        problems.append(problem)
     if len(mean) not in (1, channels) or len(std) not in (1, channels):
         problems.append(f"{len(mean)} mean / {len(std)} std values for {channels} channels")
     if any(s <= 0 for s in std):
         problems.append(f"std {std} (must be positive)")
     if problems:
-        raise ModelRepoError(f"{folder}/config.json: the preprocessing values make no sense: "
+        raise ModelRepoError(f"{folder}: the preprocessing values make no sense: "
                              f"{'; '.join(problems)}")
-    return InputSpec(channels, (height, width), tuple(mean), tuple(std))
+    return InputSpec(channels, (height, width), tuple(mean), tuple(std), resize, resize_to,
+                     interpolation, backend)

@@ -101,7 +101,8 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
                                  "select them by index instead: classes: {index: name}")
         indices, names = [labels.index(str(c)) for c in classes], [str(c) for c in classes]
     size = cfg.get("input_size") or [3, 224, 224]
-    spec = check_input_spec(folder, size, cfg.get("mean") or (0.5,), cfg.get("std") or (0.5,))
+    spec = check_input_spec(folder, size, cfg.get("mean") or (0.5,), cfg.get("std") or (0.5,),
+                            *_eval_transform(folder, cfg, size))
     kwargs = {"model_name": config["architecture"], "model_args": config.get("model_args") or
               {"num_classes": head}, "class_indices": indices}
     task = ClassificationTask(task_name, names)
@@ -113,3 +114,30 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
         raise ModelRepoError(f"weights in {folder} do not match timm '{config['architecture']}': "
                              f"{str(exc)[:300]}") from None
     return model
+
+
+def _eval_transform(folder: Path, cfg: dict[str, Any], size: Any) -> tuple[str, tuple[int, ...], str,
+                                                                           str]:
+    """(resize, resize_to, interpolation, backend) of timm's eval transform for
+    ``pretrained_cfg`` (``timm.data.create_transform`` on PIL images)."""
+    import math
+
+    crop_pct = cfg.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
+    mode = cfg.get("crop_mode") or "center"
+    interpolation = str(cfg.get("interpolation") or "bilinear")
+    try:
+        height, width = int(size[1]), int(size[2])
+        crop_pct = float(crop_pct)
+    except (TypeError, ValueError, IndexError):
+        raise ModelRepoError(f"{folder}/config.json: input_size {size} / crop_pct {crop_pct} "
+                             "are not numbers") from None
+    if not 0 < crop_pct <= 1:
+        raise ModelRepoError(f"{folder}/config.json: the preprocessing values make no sense: "
+                             f"crop_pct {crop_pct} (must be in (0, 1])")
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if mode == "squash":
+        return "squash", scaled, interpolation, "pil"
+    if mode == "center" and height == width:
+        return "shorter", scaled[:1], interpolation, "pil"
+    raise ModelRepoError(f"{folder}/config.json: timm's crop_mode '{mode}' at {height}x{width} "
+                         "is not one kamal reproduces (it does center for square sizes and squash)")

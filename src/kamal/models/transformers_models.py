@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.transforms import ViewBatch, model_input
 from ..errors import KamalError, ModelRepoError
 from ..interfaces import InputSpec, Student, Task
 from .base import register_normalisation
@@ -66,7 +67,8 @@ class TransformersTeacherNet(Student):
     def features(self) -> nn.Module:
         return self.model
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor | ViewBatch) -> dict[str, Tensor]:
+        images = model_input(self, images)
         out = self.model(pixel_values=(images - self.mean) / self.std)
         size = images.shape[-2:]
         if self.kind == "classification":
@@ -123,21 +125,64 @@ def load_transformers_model(folder: Path, name: str, classes: Classes) -> Studen
     return TransformersTeacherNet(model, kind, task, spec, indices)
 
 
+# PIL's resampling codes, as processors store ``resample``
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
 def _input_spec(folder: Path, config: dict[str, Any]) -> InputSpec:
-    """Size and mean/std from ``preprocessor_config.json`` (what the processor would do)."""
+    """Size, eval transform and mean/std from ``preprocessor_config.json``: the pixels
+    transformers' image processor (its default, torchvision backend) would give the model."""
     path = folder / "preprocessor_config.json"
     processor = json.loads(path.read_text()) if path.is_file() else {}
-    size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
-    if isinstance(size, dict):
-        height = size.get("height") or size.get("shortest_edge")
-        width = size.get("width") or size.get("shortest_edge")
-    elif size is not None:
-        height = width = size
-    else:
-        height = width = config.get("image_size", 224)
     channels = int(config.get("num_channels", 3))
     mean = processor.get("image_mean") or [0.5] * channels
     std = processor.get("image_std") or [0.5] * channels
     if processor.get("do_normalize") is False:
         mean, std = [0.0] * channels, [1.0] * channels
-    return check_input_spec(folder, [channels, height, width], mean, std)
+    resize, resize_to, size = _processor_geometry(folder, processor, config)
+    interpolation = _RESAMPLE.get(processor.get("resample", 2), str(processor.get("resample")))
+    return check_input_spec(folder, [channels, *size], mean, std, resize, resize_to,
+                            interpolation, "tensor")
+
+
+def _processor_geometry(folder: Path, processor: dict[str, Any], config: dict[str, Any]
+                        ) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(resize, resize_to, output size) of the processor's resize and centre crop."""
+    def unsupported(what: str) -> ModelRepoError:
+        return ModelRepoError(f"{folder}/preprocessor_config.json: {what}; kamal batches every "
+                              "image at one size, so it cannot reproduce this processor")
+
+    if processor.get("keep_aspect_ratio") or processor.get("do_pad"):
+        raise unsupported("keep_aspect_ratio/do_pad make the size depend on each image")
+    size = processor.get("size")
+    if processor.get("do_resize", True) is False or size is None:
+        side = int(config.get("image_size", 224))
+        size = {"height": side, "width": side}
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if not isinstance(size, dict):
+        raise unsupported(f"size {size!r} is not understood")
+    if "shortest_edge" in size and "longest_edge" in size:
+        raise unsupported("size with both shortest_edge and longest_edge varies per image")
+    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        convnext = str(processor.get("image_processor_type", "")).startswith("ConvNext")
+        crop_pct = processor.get("crop_pct", 224 / 256 if convnext else None)
+        if crop_pct is not None and edge < 384:  # ConvNeXT's rule: resize, then crop
+            resize, resize_to, out = "shorter", (int(edge / float(crop_pct)),), (edge, edge)
+        elif crop_pct is not None:
+            resize, resize_to, out = "squash", (edge, edge), (edge, edge)
+        elif crop:
+            resize, resize_to, out = "shorter", (edge,), (int(crop["height"]), int(crop["width"]))
+        else:
+            raise unsupported("size {shortest_edge} without a centre crop varies per image")
+    else:
+        resize_to = (int(size["height"]), int(size["width"]))
+        out = (int(crop["height"]), int(crop["width"])) if crop else resize_to
+        resize = "squash"
+    multiple = int(processor.get("ensure_multiple_of") or 1)
+    if any(side % multiple for side in out):
+        raise unsupported(f"the size {out} is not a multiple of ensure_multiple_of={multiple}")
+    return resize, resize_to, out

@@ -111,6 +111,10 @@ class SegmentationTask(NamedClassesTask):
         return F.cross_entropy(_match_size(output, target.shape[-2:]), target,
                                ignore_index=IGNORE)
 
+    def resize_output(self, output: Tensor, size: Sequence[int]) -> Tensor:
+        """Bilinear resize of the map to ``size`` (logits and depths blend smoothly)."""
+        return _match_size(output, size)
+
     def new_meter(self) -> SegmentationMeter:
         return SegmentationMeter(self.num_outputs)
 
@@ -227,6 +231,10 @@ class DepthTask(Task):
             target = target.unsqueeze(1)
         output = _match_size(output, target.shape[-2:])
         return depth_loss(output, target, self.loss, valid_depth(target))
+
+    def resize_output(self, output: Tensor, size: Sequence[int]) -> Tensor:
+        """Bilinear resize of the map to ``size`` (logits and depths blend smoothly)."""
+        return _match_size(output, size)
 
     def new_meter(self) -> DepthMeter:
         return DepthMeter()

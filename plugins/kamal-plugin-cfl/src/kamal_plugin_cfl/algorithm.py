@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from kamal import Amalgamator, Batch, FeatureRequest, FeatureTap, KamalError, KDTerm, Student
+from kamal import (
+    Amalgamator,
+    Batch,
+    FeatureRequest,
+    FeatureTap,
+    KamalError,
+    KDTerm,
+    Student,
+    ViewBatch,
+)
 
 from .blocks import CommonFeatureBlock, as_features, build_block
 from .config import HEAD, CFLConfig
@@ -51,6 +60,9 @@ class CFLAmalgamator(Amalgamator):
     """
 
     name = "cfl"
+    # teachers may read their own resolution: the block pools or resizes every feature map
+    # to the student's before comparing, and the KD term compares outputs only
+    mixed_views = True
     Config = CFLConfig
     config: CFLConfig
 
@@ -91,7 +103,8 @@ class CFLAmalgamator(Amalgamator):
         if cfg.standardize_features:
             self.block.calibrate(self._features(_first(images, _CALIBRATION_IMAGES), device,
                                                 student_too=False, prepared=True)[1])
-        self.plot_images = torch.cat(images)[:cfg.tsne_samples].cpu()
+        joined = ViewBatch.cat(images) if isinstance(images[0], ViewBatch) else torch.cat(images)
+        self.plot_images = joined[:cfg.tsne_samples].to("cpu")
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"merger": self.kd.merger, "cfl": self.block}
@@ -146,8 +159,8 @@ class CFLAmalgamator(Amalgamator):
         return as_features(features[self.student_layer], "the student", self.student_layer)
 
     @torch.no_grad()
-    def _features(self, images: list[Tensor], device: torch.device, student_too: bool = True,
-                  prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
+    def _features(self, images: list[Tensor] | list[ViewBatch], device: torch.device,
+                  student_too: bool = True, prepared: bool = False) -> tuple[Tensor, list[Tensor]]:
         """The tapped layer of the student (in eval mode) and of each teacher on ``images``.
 
         With ``prepared``, teachers' features go through the block's ``prepare`` batch by

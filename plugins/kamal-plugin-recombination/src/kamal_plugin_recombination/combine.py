@@ -8,6 +8,7 @@ with disjoint classes the student's logits are exactly the teachers' logits, sid
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,14 +44,15 @@ def check_combinable(teachers: Sequence[Teacher]) -> None:
         if kinds != ["classification"]:
             raise KamalError(f"teacher '{teacher.name}' has tasks {kinds}; recombination merges "
                              "classification heads (one classification task per teacher)")
-    first = teachers[0].input_spec
+    first = teachers[0].input_spec.view
     for teacher in teachers[1:]:
-        spec = teacher.input_spec
-        if (spec.channels, tuple(spec.size)) != (first.channels, tuple(first.size)):
+        view = teacher.input_spec.view
+        if view != first:
             raise KamalError(
-                f"teachers disagree on their input: '{teachers[0].name}' expects {first.channels}"
-                f" channels at {tuple(first.size)}, '{teacher.name}' {spec.channels} channels at "
-                f"{tuple(spec.size)}. Combined teachers must read the same images.")
+                f"teachers disagree on their input: '{teachers[0].name}' reads "
+                f"{first.describe()}, '{teacher.name}' reads {view.describe()}. Combined "
+                "teachers must read the same images; kd and cfl take each teacher at its own "
+                "resolution.")
 
 
 def _input_specs(teachers: Sequence[Teacher]) -> tuple[InputSpec, list[dict[str, Any]]]:
@@ -59,7 +61,7 @@ def _input_specs(teachers: Sequence[Teacher]) -> tuple[InputSpec, list[dict[str,
     if all((s.mean, s.std) == (specs[0].mean, specs[0].std) for s in specs):
         return specs[0], [{} for _ in specs]
     # the student passes images through; every branch applies its teacher's normalisation
-    plain = InputSpec(specs[0].channels, tuple(specs[0].size), (0.0,), (1.0,))
+    plain = dataclasses.replace(specs[0], mean=(0.0,), std=(1.0,))
     return plain, [{"mean": list(s.mean), "std": list(s.std)} for s in specs]
 
 

@@ -37,9 +37,11 @@ from kamal import (
     Student,
     Teacher,
     Trainer,
+    ViewBatch,
     broadcast_object,
     is_main_process,
     merge_tasks,
+    student_input_spec,
 )
 
 from .student import BLOCKS, BranchedSegNet
@@ -92,6 +94,9 @@ class SBMAmalgamator(Amalgamator):
     name = "sbm"
     Config = SBMConfig
     config: SBMConfig
+    # teachers may read their own resolution: the engine brings their maps to the
+    # student's size, and the branch search does the same
+    mixed_views = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,7 +131,8 @@ class SBMAmalgamator(Amalgamator):
             raise KamalError("student.architecture_kwargs.branches: sbm chooses the branch "
                              "points itself; fix them with algorithm.branches instead")
         tasks = merge_tasks(self.teachers, spec.task_names)
-        student = KamalModel(STUDENT_ARCHITECTURE, tasks, self.teachers[0].input_spec, kwargs)
+        spec = spec.input_spec or student_input_spec(self.teachers)
+        student = KamalModel(STUDENT_ARCHITECTURE, tasks, spec, kwargs)
         self._resolve_sources(student)
         if self.config.init == "teachers":
             self._init_from_teachers(student)
@@ -255,7 +261,8 @@ class SBMAmalgamator(Amalgamator):
         return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
     @torch.no_grad()
-    def _search(self, net: BranchedSegNet, held: Tensor, calibration: Tensor,
+    def _search(self, net: BranchedSegNet, held: Tensor | ViewBatch,
+                calibration: Tensor | ViewBatch,
                 device: torch.device) -> dict[str, int]:
         """Each task's branch point by its distillation loss on held-out images."""
         assert self.student is not None
@@ -283,8 +290,9 @@ class SBMAmalgamator(Amalgamator):
 
     def _held_loss(self, task: Any, outputs: dict[str, Tensor],
                    teacher_outputs: list[dict[str, Tensor]]) -> float:
-        teacher = self._teacher_output(task, teacher_outputs)
-        return float(self._distill(task, outputs[task.name], teacher))
+        mine = outputs[task.name]
+        teacher = task.resize_output(self._teacher_output(task, teacher_outputs), mine.shape[-2:])
+        return float(self._distill(task, mine, teacher))
 
     def _prune(self, chosen: dict[str, int]) -> None:
         """Replace the supernet by the network of the chosen branching (same weights)."""
@@ -298,7 +306,8 @@ class SBMAmalgamator(Amalgamator):
         self.student.net = pruned.net.to(device)
         self.student.architecture_kwargs = kwargs
 
-    def _write_outputs(self, trainer: Trainer, held: Tensor, chosen: dict[str, int]) -> None:
+    def _write_outputs(self, trainer: Trainer, held: Tensor | ViewBatch,
+                       chosen: dict[str, int]) -> None:
         from .demo import write_demo
 
         assert self.student is not None
@@ -335,7 +344,7 @@ def _net(student: Student) -> BranchedSegNet:
     return net
 
 
-def _batched(models: list[Any], images: Tensor, device: torch.device,
+def _batched(models: list[Any], images: Tensor | ViewBatch, device: torch.device,
              batch_size: int = 128) -> list[dict[str, Tensor]]:
     """Outputs of each model on ``images``, concatenated over batches (on the CPU)."""
     parts: list[list[dict[str, Tensor]]] = [[] for _ in models]
@@ -347,7 +356,7 @@ def _batched(models: list[Any], images: Tensor, device: torch.device,
 
 
 @torch.no_grad()
-def _recalibrate_bn(model: nn.Module, images: Tensor, device: torch.device,
+def _recalibrate_bn(model: nn.Module, images: Tensor | ViewBatch, device: torch.device,
                     batch_size: int = 64) -> None:
     """Re-estimate batch-norm statistics for the current branching (plain averages)."""
     kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

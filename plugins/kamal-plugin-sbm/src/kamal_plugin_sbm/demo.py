@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kamal import Student, Teacher
+from kamal import Student, Teacher, ViewBatch
 
 
 @torch.no_grad()
-def write_demo(path: Path, images: Tensor, teachers: list[Teacher], student: Student,
+def write_demo(path: Path, images: Tensor | ViewBatch, teachers: list[Teacher], student: Student,
                sources: dict[str, tuple[int, Any]], device: torch.device,
                log: Callable[[str, Any], None] | None = None) -> Path:
     """One row per image; per student task a teacher column and a student column.
@@ -28,18 +28,19 @@ def write_demo(path: Path, images: Tensor, teachers: list[Teacher], student: Stu
 
     student.eval()
     x = images.to(device)
+    shown = (x.for_model(student) if isinstance(x, ViewBatch) else x).cpu()  # as the student reads
     student_out = {k: v.float().cpu() for k, v in student(x).items()}
     teacher_out = [{k: v.float().cpu() for k, v in t(x).items()} for t in teachers]
     columns: list[tuple[str, str, Tensor, Tensor]] = []  # (task, kind, teacher, student)
     for task in student.tasks:
         i, teacher_task = sources[task.name]
-        columns.append((task.name, task.kind,
-                        task.embed(teacher_task, teacher_out[i][teacher_task.name]),
-                        student_out[task.name]))
+        mine = student_out[task.name]
+        theirs = task.embed(teacher_task, teacher_out[i][teacher_task.name])
+        columns.append((task.name, task.kind, task.resize_output(theirs, mine.shape[-2:]), mine))
     rows, cols = len(images), 1 + 2 * len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     for r in range(rows):
-        axes[r][0].imshow(images[r].permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[r][0].imshow(shown[r].permute(1, 2, 0).clamp(0, 1).numpy())
         for c, (name, kind, teacher, mine) in enumerate(columns):
             pair = (teacher[r], mine[r])
             for j, (who, value) in enumerate(zip(("teacher", "student"), pair, strict=True)):
