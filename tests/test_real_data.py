@@ -76,6 +76,12 @@ def test_labelled_jpeg_folder_end_to_end_from_another_directory(jpeg_folders, tm
 
     for name in ("digits-0-4", "digits-5-9"):
         shutil.copytree(TEACHERS / name, workspace / "teachers" / name, dirs_exist_ok=True)
+    # the second teacher reads another eval transform: 20 px, a 0.9 centre crop, PIL bicubic
+    repo_config = workspace / "teachers" / "digits-5-9" / "config.json"
+    described = json.loads(repo_config.read_text())
+    described["input"].update(size=[20, 20], resize="shorter", resize_to=[22],
+                              interpolation="bicubic", backend="pil")
+    repo_config.write_text(json.dumps(described))
     config = yaml.safe_load((EXAMPLES / "digits" / "kd.yaml").read_text())
     config["teachers"] = [{"name": n, "path": f"../teachers/{n}"} for n in ("digits-0-4", "digits-5-9")]
     config["data"] = {
@@ -93,8 +99,12 @@ def test_labelled_jpeg_folder_end_to_end_from_another_directory(jpeg_folders, tm
     run = elsewhere / "run"
     report = json.loads((run / "report.json").read_text())
     teachers = {t["name"]: t["metrics"] for t in report["teachers"]}
-    # labels came from the folder names and were matched to each teacher's classes
+    # labels came from the folder names and were matched to each teacher's classes; each
+    # teacher read the JPEGs through its own transform
     assert teachers["digits-0-4"]["digits-0-4"]["top1"] > 0.9
+    assert teachers["digits-5-9"]["digits-5-9"]["top1"] > 0.8
+    assert [t["input"]["size"] for t in report["teachers"]] == [[16, 16], [20, 20]]
+    assert report["student"]["input"]["size"] == [20, 20]  # the largest teacher size
     assert teachers["digits-5-9"]["digits-5-9"]["samples"] == sum(
         len(list((jpeg_folders / "test" / str(c)).iterdir())) for c in range(5, 10))
     # the recorded config names absolute paths: it re-runs from anywhere

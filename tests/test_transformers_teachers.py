@@ -119,7 +119,8 @@ def test_segmentation_and_depth_heads_are_brought_to_the_input_size(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"auto_map": {"AutoModel": "modeling_evil.Evil"}}, "has auto_map: the repo brings its own code"),
     ({"model_type": "evil-net"}, "model type 'evil-net' is not one transformers"),
-    ({"architectures": ["ViTModel"]}, "architecture 'ViTModel' is not a transformers class kamal can use"),
+    ({"architectures": ["ViTForMaskedImageModeling"]},
+     "architecture 'ViTForMaskedImageModeling' is not a transformers class kamal can use"),
 ])
 def test_repos_that_would_run_code_or_are_unknown_are_refused(tmp_path, change, message):
     _vit(tmp_path / "vit")

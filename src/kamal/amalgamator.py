@@ -55,6 +55,9 @@ class Amalgamator(ABC):
     # (outputs the tasks align, features it resizes itself). False: the run refuses such
     # teachers, naming them.
     mixed_views: ClassVar[bool] = False
+    # True: teachers without a task (backbones, e.g. a transformers ``Dinov2Model``) are
+    # welcome; their tapped layers are all they give. False: the run refuses them.
+    backbone_teachers: ClassVar[bool] = False
 
     def __init__(self, config: AmalgamatorConfig, teachers: list[Teacher],
                  student_spec: StudentSpec) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import pathlib
 import re
@@ -38,6 +39,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
 _REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# other libraries' repos: their preprocessing, and weights sharded with an index
+PREPROCESSOR_FILE = "preprocessor_config.json"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_OPTIONAL_FILES = (MODEL_CARD_FILE, PREPROCESSOR_FILE)
 _DEFAULT_BRANCH = "main"  # the name huggingface_hub's cache uses for "no revision given"
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -123,8 +128,10 @@ def download_model_repo(
             if commit is None:
                 raise
             from_cache = True
-        paths = [_fetch_required(repo_id, name, commit, token, offline) for name in _REQUIRED_FILES]
-        _fetch_optional(repo_id, MODEL_CARD_FILE, commit, token, offline)
+        paths = [_fetch_required(repo_id, CONFIG_FILE, commit, token, offline)]
+        paths += _fetch_weights(repo_id, commit, token, offline)
+        for name in _OPTIONAL_FILES:
+            _fetch_optional(repo_id, name, commit, token, offline)
     if from_cache:
         _warn_cached(repo_id, revision, commit, paths[0].parent)
     return ResolvedRepo(repo_id, revision, commit, paths[0].parent, from_cache)
@@ -310,6 +317,26 @@ def _fetch_required(
             "name and revision."
         ) from error
     return pathlib.Path(path)
+
+
+def _fetch_weights(
+    repo_id: str, commit: str, token: str | None, offline: bool
+) -> list[pathlib.Path]:
+    """``model.safetensors``, or the shards a ``model.safetensors.index.json`` lists."""
+    index = None
+    if _fetch_optional(repo_id, WEIGHTS_FILE, commit, token, offline) is None:
+        index = _fetch_optional(repo_id, WEIGHTS_INDEX_FILE, commit, token, offline)
+    if index is None:
+        return [_fetch_required(repo_id, WEIGHTS_FILE, commit, token, offline)]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as error:
+        raise HubError(f"{repo_id} at commit {commit}: {WEIGHTS_INDEX_FILE} has no "
+                       "weight_map") from error
+    if any("/" in shard or not shard.endswith(".safetensors") for shard in shards):
+        raise HubError(f"{repo_id}: {WEIGHTS_INDEX_FILE} lists files other than top-level "
+                       ".safetensors shards")
+    return [index] + [_fetch_required(repo_id, shard, commit, token, offline) for shard in shards]
 
 
 def _fetch_optional(

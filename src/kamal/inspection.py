@@ -12,6 +12,7 @@ from .config import TeacherRef
 from .errors import KamalError
 from .evaluation import count_parameters
 from .features import FeatureTap
+from .interfaces import InputSpec
 from .teacher_loading import resolve_teacher
 
 
@@ -63,6 +64,7 @@ def format_inspection(info: dict[str, Any]) -> str:
              f"  architecture: {info['architecture']} {info['architecture_kwargs'] or ''}".rstrip(),
              f"  input:        {spec['channels']}x{spec['size'][0]}x{spec['size'][1]}, "
              f"mean {tuple(spec['mean'])}, std {tuple(spec['std'])}",
+             f"  reads:        {InputSpec.from_dict(spec).view.describe()}",
              f"  parameters:   {info['parameters']:,}"]
     for task in info["tasks"]:
         classes = task.get("classes") or []

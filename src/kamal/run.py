@@ -77,6 +77,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     seed_everything(cfg.train.seed)
 
     teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
+    _check_backbones(cls, teachers)
     cls.check_teachers(teachers)
     check_class_names(teachers)
     transfer = dataset_from_ref(cfg.data.transfer, "data.transfer")
@@ -94,7 +95,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names, spec))
     student = amalgamator.build_student().to(device)
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
-    check_views(plan, teachers, cls.name, cls.mixed_views, _mixed_view_algorithms)
+    check_views(plan, teachers, cls.name, cls.mixed_views, lambda: _algorithms_with("mixed_views"))
     if eval_data is not None:
         check_label_names(eval_data, student.tasks, "the student", "data.eval", every_class=True)
     for teacher in teachers:
@@ -181,16 +182,27 @@ def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
     return cls, algo_cfg
 
 
-def _mixed_view_algorithms() -> list[str]:
-    """Installed algorithms that take teachers at their own resolution (for a suggestion)."""
+def _algorithms_with(flag: str) -> list[str]:
+    """Installed algorithms whose class sets ``flag`` (for a suggestion in an error)."""
     registry, names = get_registry(), []
     for name in registry.names("amalgamators"):
         try:
-            if getattr(registry.get("amalgamators", name), "mixed_views", False):
+            if getattr(registry.get("amalgamators", name), flag, False):
                 names.append(name)
         except Exception:  # noqa: BLE001 - a plugin that fails to load is no suggestion
             continue
     return names
+
+
+def _check_backbones(cls: type[Amalgamator], teachers: list[Teacher]) -> None:
+    """Teachers without a task (backbones) need an algorithm that distils features."""
+    for i, teacher in enumerate(teachers):
+        if not teacher.tasks and not cls.backbone_teachers:
+            others = ", ".join(_algorithms_with("backbone_teachers")) or "none installed"
+            raise ConfigError(
+                f"teachers.{i}: '{teacher.name}' is a backbone without a task head, and "
+                f"algorithm '{cls.name}' distils task outputs; use an algorithm that distils "
+                f"features ({others}) or a repo with a head")
 
 
 def _evaluator(student: Student, eval_data: ImageDataset | None, device: torch.device):

@@ -116,7 +116,7 @@ class ImageView:
 
     def _tensor(self, image: Tensor) -> Tensor:
         from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import resize
+        from torchvision.transforms.v2.functional import resize  # v2: uint8 kernels, as transformers
 
         height, width = image.shape[-2:]
         new_h, new_w = self._scaled(height, width)
@@ -149,9 +149,8 @@ def view_problem(channels: int, size: Sequence[int], resize: str, resize_to: Seq
     want = 1 if resize == "shorter" else 2
     if resize_to and (len(resize_to) != want or not all(1 <= int(s) <= 16384 for s in resize_to)):
         return f"resize_to {list(resize_to)} (need {want} value(s), each 1 to 16384, for {resize})"
-    smaller = (int(resize_to[0]) < max(size) if resize == "shorter" else
-               any(int(r) < int(s) for r, s in zip(resize_to, size, strict=True)))
-    if resize_to and smaller:
+    if resize_to and (int(resize_to[0]) < max(size) if resize == "shorter" else
+                      any(int(r) < int(s) for r, s in zip(resize_to, size, strict=True))):
         return f"resize_to {list(resize_to)} is smaller than the crop {list(size)}"
     return None
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +28,8 @@ from .repo_values import Classes, check_input_spec, select_classes
 EXTRA = "kamal-core[transformers]"
 HEADS = {"ForImageClassification": "classification", "ForSemanticSegmentation": "segmentation",
          "ForDepthEstimation": "depth"}
+# backbones without a head (ViTModel, Dinov2Model, CLIPVisionModel, ConvNextModel, ...)
+BACKBONE_SUFFIXES = ("Model", "VisionModel")
 
 
 def _transformers():
@@ -47,14 +50,21 @@ def is_transformers_repo(config: dict[str, Any] | None) -> bool:
 class TransformersTeacherNet(Student):
     """A transformers model as a kamal network: images in [0, 1] at the repo's size ->
     ``{task_name: output}``; ``features`` is the transformers model, so its modules
-    (e.g. ``vit.layers.11``) are the tappable layers."""
+    (e.g. ``vit.layers.11``) are the tappable layers.
 
-    def __init__(self, model: nn.Module, kind: str, task: Task, spec: InputSpec,
+    Its outputs are tappable too, as identity layers added to the model: ``hidden_states.i``
+    (every model) and, for backbones without a task head (``kind="features"``),
+    ``last_hidden_state`` and ``pooled`` (the pooler output, else the class token). Token
+    sequences of models with a patch grid come as maps ``(N, C, H/patch, W/patch)``
+    (class and register tokens dropped); ``pooled`` is ``(N, C)``.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, task: Task | None, spec: InputSpec,
                  class_indices: list[int] | None) -> None:
         super().__init__()
         self.model = model.eval()
         self.kind = kind
-        self.tasks = [task]
+        self.tasks = [task] if task is not None else []
         self.input_spec = spec
         self.class_indices = class_indices
         self.feature_layers = [name for name, child in model.named_children()
@@ -62,15 +72,55 @@ class TransformersTeacherNet(Student):
         self.head_layer = next((name for name in ("classifier", "decode_head", "head")
                                 if hasattr(model, name)), None)
         register_normalisation(self, spec)
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+        self.grid = ((spec.size[0] // patch, spec.size[1] // patch)
+                     if isinstance(patch, int) and patch > 0 else None)
+        self._add_output_layers()
+
+    def _add_output_layers(self) -> None:
+        """Identity layers whose outputs are the model's outputs (for FeatureTap), counted
+        from one forward of a blank image."""
+        spec = self.input_spec
+        with torch.no_grad():
+            out = self.model(pixel_values=torch.zeros(1, spec.channels, *spec.size),
+                             output_hidden_states=True)
+        names = {"hidden_states": len(getattr(out, "hidden_states", None) or ())}
+        if self.kind == "features":
+            names.update(last_hidden_state=1, pooled=1)
+        self.outputs: list[str] = []
+        for name, count in names.items():
+            if not count or hasattr(self.model, name):  # never shadow the model's own names
+                continue
+            layer = nn.ModuleList(nn.Identity() for _ in range(count)) if name == "hidden_states" \
+                else nn.Identity()
+            self.model.add_module(name, layer)
+            self.outputs.append(name)
+            self.feature_layers += ([f"{name}.{i}" for i in range(count)]
+                                    if name == "hidden_states" else [name])
 
     @property
     def features(self) -> nn.Module:
         return self.model
 
+    def as_map(self, tokens: Tensor) -> Tensor:
+        """``(N, L, C)`` tokens of a model with a patch grid as an ``(N, C, H, W)`` map (the
+        leading class/register tokens dropped); anything else unchanged."""
+        if self.grid is None or tokens.dim() != 3:
+            return tokens
+        cells = self.grid[0] * self.grid[1]
+        extra = tokens.shape[1] - cells
+        if not 0 <= extra <= 8:
+            return tokens
+        return tokens[:, extra:].transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
+
     def forward(self, images: Tensor | ViewBatch) -> dict[str, Tensor]:
         images = model_input(self, images)
-        out = self.model(pixel_values=(images - self.mean) / self.std)
+        out = self.model(pixel_values=(images - self.mean) / self.std,
+                         output_hidden_states="hidden_states" in self.outputs)
+        self._tap_outputs(out)
         size = images.shape[-2:]
+        if self.kind == "features":
+            return {}
         if self.kind == "classification":
             result = out.logits[:, self.class_indices]
         elif self.kind == "segmentation":  # logits come at a fraction of the input size
@@ -81,6 +131,19 @@ class TransformersTeacherNet(Student):
             depth = depth[:, None] if depth.dim() == 3 else depth
             result = F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
         return {self.tasks[0].name: result}
+
+    def _tap_outputs(self, out: Any) -> None:
+        """Pass the outputs through the identity layers, where FeatureTap sees them."""
+        if "hidden_states" in self.outputs:
+            for layer, hidden in zip(self.model.hidden_states, out.hidden_states, strict=True):
+                layer(self.as_map(hidden))
+        if "last_hidden_state" in self.outputs:
+            last = out.last_hidden_state
+            self.model.last_hidden_state(self.as_map(last))
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:  # the class token (ViT-like), else the mean of the map
+                pooled = last[:, 0] if last.dim() == 3 else last.mean(dim=(2, 3))
+            self.model.pooled(pooled.flatten(1))
 
 
 def load_transformers_model(folder: Path, name: str, classes: Classes) -> Student:
@@ -99,14 +162,21 @@ def load_transformers_model(folder: Path, name: str, classes: Classes) -> Studen
                              "the repo, so upgrade transformers if it is newer")
     architecture = str((config.get("architectures") or [""])[0])
     kind = next((k for suffix, k in HEADS.items() if architecture.endswith(suffix)), None)
+    if kind is None and architecture.endswith(BACKBONE_SUFFIXES):
+        kind = "features"
     cls = getattr(transformers, architecture, None)
     if kind is None or not isinstance(cls, type):
-        heads = ", ".join(f"*{s}" for s in HEADS)
+        heads = ", ".join(f"*{s}" for s in [*HEADS, *BACKBONE_SUFFIXES])
         raise ModelRepoError(f"{folder}: architecture '{architecture}' is not a transformers "
                              f"class kamal can use as a teacher ({heads})")
     model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
                                 use_safetensors=True)
     spec = _input_spec(folder, config)
+    if kind == "features":  # a backbone: no task, its outputs are tappable layers
+        if classes is not None:
+            raise ModelRepoError(f"{folder}: 'classes' does not apply to a backbone without a "
+                                 "classification head")
+        return TransformersTeacherNet(model, kind, None, spec, None)
     if kind == "depth":
         from ..tasks.dense import DepthTask
 
