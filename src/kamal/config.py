@@ -55,7 +55,8 @@ class StudentInput(_Strict):
     """How the student reads images. Unset fields default without regard to the teachers'
     order: size and transform are the teachers' when they all read images the same way, else
     the largest teacher size with the default transform (shorter side, centre, bilinear,
-    tensor); mean/std are the teachers' when they agree, else their per-channel average."""
+    tensor; squash when every dense teacher squashes); mean/std are the teachers' when they
+    agree, else their per-channel average."""
 
     size: int | list[int] | None = Field(None, description="Input size: one side or "
                                          "[height, width].")

@@ -119,10 +119,9 @@ class TorchvisionFormat(TeacherFormat):
         return (config or {}).get("library") == "torchvision"
 
     def load(self, folder: Path, name: str, classes: Classes) -> Student:
-        from safetensors.torch import load_file
-
         from .models.base import KamalModel
         from .tasks.classification import ClassificationTask
+        from .weights import load_weights
 
         config = json.loads((folder / "config.json").read_text())
         head = int(config.get("num_classes") or 0)
@@ -139,10 +138,6 @@ class TorchvisionFormat(TeacherFormat):
         kwargs = {"model_name": str(config.get("architecture")), "num_classes": head,
                   "class_indices": indices}
         model = KamalModel("torchvision", [task], spec, kwargs)
-        try:  # the tensors are assigned, not copied: one copy of the weights in memory
-            model.net.model.load_state_dict(load_file(str(folder / "model.safetensors")),
-                                            strict=True, assign=True)
-        except (RuntimeError, OSError) as exc:
-            raise ModelRepoError(f"weights in {folder} do not match torchvision "
-                                 f"'{config.get('architecture')}': {str(exc)[:300]}") from None
+        load_weights(model.net.model, folder / "model.safetensors",
+                     f"torchvision '{config.get('architecture')}'")
         return model

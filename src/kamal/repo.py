@@ -65,10 +65,8 @@ def read_repo_config(folder: str | Path) -> dict[str, Any]:
 
 def load_model(folder: str | Path) -> Student:
     """Build the network of a model repo and load its weights strictly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from .models import KamalModel, task_from_dict
+    from .weights import load_weights
 
     folder = Path(folder)
     config = read_repo_config(folder)
@@ -78,25 +76,8 @@ def load_model(folder: str | Path) -> Student:
                            config.get("architecture_kwargs") or {})
     except KamalError as exc:
         raise ModelRepoError(f"{folder}: {exc}") from None
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelRepoError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: "
-                             f"{exc}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing: {', '.join(missing[:5])}" if missing else "",
-            f"unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
-            f"wrong shape: {', '.join(wrong[:5])}" if wrong else "") if part)
-        raise ModelRepoError(f"weights in {folder} do not match architecture "
-                             f"'{config['architecture']}' {config.get('architecture_kwargs') or ''}"
-                             f": {details}")
-    model.load_state_dict(state, strict=True)
+    kwargs = config.get("architecture_kwargs") or ""
+    load_weights(model, folder / WEIGHTS_FILE, f"architecture '{config['architecture']}' {kwargs}")
     return model
 
 

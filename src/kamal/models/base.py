@@ -193,8 +193,9 @@ def student_input_spec(teachers: Sequence[Teacher],
 
     The teachers must agree on channels. Size and transform: the teachers' when they all
     read images the same way, else the largest teacher size with kamal's default transform
-    (the shorter side resized, the centre kept, bilinear). Mean/std: the teachers' when they
-    agree, else their per-channel average.
+    (the shorter side resized, the centre kept, bilinear), squashed instead when every
+    teacher with dense outputs squashes (so the maps line up). Mean/std: the teachers' when
+    they agree, else their per-channel average.
     """
     specs = [t.input_spec for t in teachers]
     channels = {s.channels for s in specs}
@@ -210,6 +211,8 @@ def student_input_spec(teachers: Sequence[Teacher],
                 "interpolation": first.interpolation, "backend": first.backend}
     else:
         base = {"size": max((tuple(s.size) for s in specs), key=lambda hw: (hw[0] * hw[1], hw))}
+        if _dense_teachers_squash(teachers):  # their maps cover the whole image: so must ours
+            base["resize"] = "squash"
     base.update({"mean": _agreed(specs, "mean"), "std": _agreed(specs, "std")})
     base.update(given)
     side = base["size"]
@@ -232,6 +235,14 @@ def student_input_spec(teachers: Sequence[Teacher],
     _per_channel(spec.mean, spec.channels)
     _per_channel(spec.std, spec.channels)
     return spec
+
+
+def _dense_teachers_squash(teachers: Sequence[Teacher]) -> bool:
+    """Whether the teachers with dense tasks all squash the whole image (no crop)."""
+    views = [t.input_spec.view for t in teachers
+             if any(task.kind in ("segmentation", "depth") for task in t.tasks)]
+    return bool(views) and all(v.resize == "squash" and tuple(v.resize_to) == tuple(v.size)
+                               for v in views)
 
 
 def _agreed(specs: Sequence[InputSpec], field: str) -> tuple[float, ...]:

@@ -72,9 +72,8 @@ def is_timm_repo(folder: Path) -> bool:
 
 def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int, str] | None):
     """Build a :class:`~kamal.KamalModel` around the timm repo in ``folder`` (strict load)."""
-    from safetensors.torch import load_file
-
     from ..tasks.classification import ClassificationTask
+    from ..weights import load_weights
     from .base import KamalModel
     from .repo_values import check_input_spec
 
@@ -108,11 +107,7 @@ def load_timm_model(folder: Path, task_name: str, classes: list[str] | dict[int,
     task = ClassificationTask(task_name, names)
     task.guessed_names = classes is None and bool(unnamed)
     model = KamalModel("timm", [task], spec, kwargs)
-    try:
-        model.net.model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise ModelRepoError(f"weights in {folder} do not match timm '{config['architecture']}': "
-                             f"{str(exc)[:300]}") from None
+    load_weights(model.net.model, folder / "model.safetensors", f"timm '{config['architecture']}'")
     return model
 
 

@@ -184,7 +184,8 @@ def load_transformers_model(folder: Path, name: str, classes: Classes) -> Studen
     labels = config.get("id2label") or {}
     count = int(config.get("num_labels") or len(labels))
     named = [str(labels.get(str(i), labels.get(i, i))) for i in range(count)]
-    guessed_labels = all(n.startswith("LABEL_") or n == str(i) for i, n in enumerate(named))
+    # transformers names unnamed labels LABEL_i; any other names were given on purpose
+    guessed_labels = all(n == f"LABEL_{i}" for i, n in enumerate(named))
     indices, names, guessed = select_classes(folder, count, [] if guessed_labels else named,
                                              classes)
     from ..tasks.classification import ClassificationTask
