@@ -191,6 +191,8 @@ RENDERERS["speed"] = _stored("speed", "speed.py")
 RENDERERS["teachers"] = _stored("teachers", "speed.py")
 RENDERERS["startup"] = _stored("startup", "startup.py")
 RENDERERS["data_path"] = _stored("data_path", "data_path.py")
+RENDERERS["hub_formats"] = _stored("hub_formats", "hub_formats.py")
+RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
 
 
 def _seeds(runs: list[dict[str, Any]], key: str = "student") -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -89,3 +90,35 @@ def test_every_family_loads_from_the_hub_and_equals_its_library(hub_server, tmp_
     assert results["segformer"]["input"]["size"] == [48, 40]
     assert results["dinov2"]["input"]["resize_to"] == [40]
     assert results["timm-resnet"]["input"]["backend"] == "pil"
+
+
+def test_the_hub_formats_example_runs_from_the_hub(hub_server, tmp_path):
+    """examples/hub-formats: its script's teachers (two steps each) published to the Hub, its
+    kd and sbm configs pointed at them with hub: references, one short epoch each."""
+    example = TESTS.parent / "examples" / "hub-formats"
+    made = subprocess.run([sys.executable, str(example / "make_teachers.py"), "--quick", "--out",
+                           str(tmp_path / "teachers")], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    for folder in (tmp_path / "teachers").iterdir():
+        hub_server.add_commit(f"kamal-examples/{folder.name}",
+                              {p.name: p.read_bytes() for p in folder.iterdir()})
+    env = hub_server.hub_env(tmp_path)
+    sizes = {}
+    for name, data in (("kd", {"size": 32}), ("sbm", {"size": 48, "count": 48})):
+        config = yaml.safe_load((example / f"{name}.yaml").read_text())
+        for teacher in config["teachers"]:
+            teacher["hub"] = f"kamal-examples/{Path(teacher.pop('path')).name}"
+        for section in ("transfer", "eval"):
+            config["data"][section].update(data)
+        config["train"]["epochs"] = 1
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "kamal", "amalgamate", str(path), "-o",
+                                 str(tmp_path / name), "--quiet"], env=env, capture_output=True,
+                                text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["student"]["metrics"] and all(t["metrics"] for t in report["teachers"])
+        assert all(len(t["source"]["revision"]) == 40 for t in report["teachers"])
+        sizes[name] = [t["input"]["size"] for t in report["teachers"]]
+    assert sizes == {"kd": [[32, 32], [24, 24]], "sbm": [[48, 48], [32, 32]]}

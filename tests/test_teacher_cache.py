@@ -72,3 +72,31 @@ def test_disk_cache_is_reused_on_resume(tmp_path, tiny_teachers):
     amalgamate(path, out, progress=False, resume=True)
     assert shard.stat().st_mtime_ns == stamp  # not recomputed
     assert json.loads((out / "teacher_cache" / "index.json").read_text()) == index
+
+
+def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_teachers):
+    """kd taps no teacher layer, so the cache is filled first and every calibration (setup's
+    and the report ensemble's) reads it: no teacher runs twice on a transfer image."""
+    from kamal import KamalModel
+
+    images = {"off": 0, "memory": 0}
+    mode = "off"
+
+    def count(module, args):  # every forward of a frozen (teacher) network
+        if isinstance(module, KamalModel) and not any(p.requires_grad for p in module.parameters()):
+            images[mode] += len(args[0])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        for mode in ("off", "memory"):
+            amalgamate(_config(tmp_path, tiny_teachers, mode, teacher_cache=mode), tmp_path / mode,
+                       progress=False)
+    finally:
+        handle.remove()
+    transfer, test = len(build_digits("transfer")), len(build_digits("test"))
+    epochs, latency = 2, 3 + 20  # the report's CPU latency: 3 warm-up and 20 timed images
+    evaluation = 3 * test + latency  # each teacher's metrics, the ensemble in both merges
+    trained = epochs * (transfer // 64 * 64)  # batches of 64, the last partial one dropped
+    # off: calibration, training, the report's calibration; memory: the probe and the fill
+    assert images["off"] == 2 * (transfer + trained + transfer + evaluation)
+    assert images["memory"] == 2 * (8 + transfer + evaluation)

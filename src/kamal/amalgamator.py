@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .interfaces import Batch, FeatureRequest, Student, StudentSpec, Teacher
 from .models.base import build_student_for
 
@@ -97,3 +98,28 @@ class Amalgamator(ABC):
     def describe(self) -> dict[str, Any]:
         """Algorithm name and hyperparameters, for the report and the model card."""
         return self.config.model_dump()
+
+
+def algorithms_with(flag: str) -> list[str]:
+    """Installed algorithms whose class sets ``flag`` (for a suggestion in an error)."""
+    from .plugins import get_registry
+
+    registry, names = get_registry(), []
+    for name in registry.names("amalgamators"):
+        try:
+            if getattr(registry.get("amalgamators", name), flag, False):
+                names.append(name)
+        except Exception:  # noqa: BLE001 - a plugin that fails to load is no suggestion
+            continue
+    return names
+
+
+def check_backbone_teachers(cls: type[Amalgamator], teachers: Sequence[Teacher]) -> None:
+    """Teachers without a task (backbones) need an algorithm that distils features."""
+    for i, teacher in enumerate(teachers):
+        if not teacher.tasks and not cls.backbone_teachers:
+            others = ", ".join(algorithms_with("backbone_teachers")) or "none installed"
+            raise ConfigError(
+                f"teachers.{i}: '{teacher.name}' is a backbone without a task head, and "
+                f"algorithm '{cls.name}' distils task outputs; use an algorithm that distils "
+                f"features ({others}) or a repo with a head")

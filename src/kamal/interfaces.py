@@ -202,6 +202,7 @@ class Teacher:
         self.name = name
         self.model = model.eval().requires_grad_(False)
         self.source = dict(source or {})
+        self._known: tuple[Tensor | ViewBatch, dict[str, Tensor]] | None = None
 
     @property
     def tasks(self) -> list[Task]:
@@ -224,7 +225,16 @@ class Teacher:
         Given a :class:`~kamal.data.transforms.ViewBatch`, the teacher reads its own view."""
         from .data.transforms import model_input
 
+        known = self._known
+        if known is not None and known[0] is images:  # computed before (the teacher cache)
+            return known[1]
         return self.model(model_input(self.model, images))
+
+    def answer(self, images: Tensor | ViewBatch | None, outputs: dict[str, Tensor] | None) -> None:
+        """Until called again, answer a call on exactly ``images`` (the same object) with
+        ``outputs`` instead of running: the run's calibration reads the teacher cache this
+        way. ``answer(None, None)`` stops it."""
+        self._known = None if images is None or outputs is None else (images, outputs)
 
     def num_parameters(self) -> int:
         """Number of parameters."""

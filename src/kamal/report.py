@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
 
 from .amalgamator import Amalgamator
 from .data.base import ImageDataset
-from .data.views import ViewPlan, image_batches
+from .data.transforms import ViewBatch
+from .data.views import ViewPlan
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .interfaces import Student, Teacher
 from .merging import LogitMerger
@@ -39,12 +41,13 @@ def teacher_entry(teacher: Teacher, data: ImageDataset | None, device: torch.dev
 
 def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], student: Student,
                         eval_data: ImageDataset | None, device: torch.device,
-                        calibration_data: Dataset, batch_size: int = 256,
+                        calibration: Callable[[], Iterable[Tensor | ViewBatch]],
                         merge_mode: str = "standardize") -> dict[str, Any]:
     """Everything ``report.json`` holds for an amalgamation run.
 
-    The teachers' ensemble is calibrated on ``calibration_data`` (the transfer images the
-    algorithm calibrated on), never on the evaluation data it is scored on.
+    The teachers' ensemble is calibrated on the batches ``calibration()`` gives (the
+    transfer images the algorithm calibrated on, answered from the teacher cache when there
+    is one), never on the evaluation data it is scored on.
     """
     report: dict[str, Any] = {
         "algorithm": algorithm.name,
@@ -60,8 +63,7 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
             if mode != "naive":  # the naive merge has nothing to measure
-                merger.calibrate(teachers, image_batches(calibration_data, batch_size, plan),
-                                 device)
+                merger.calibrate(teachers, calibration(), device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device, views=plan.views)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"

@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import Dataset
+from torch import Tensor
 
 from . import distributed
 from . import report as reporting
-from .amalgamator import Amalgamator
+from .amalgamator import Amalgamator, algorithms_with, check_backbone_teachers
 from .checkpoint import seed_everything
 from .config import RunConfig, load_config, validate
 from .data.base import ImageDataset
+from .data.transforms import ViewBatch
 from .data.views import (
     IndexedView,
     UnlabeledView,
@@ -33,7 +35,6 @@ from .data.views import (
     check_label_names,
     check_views,
     dataset_from_ref,
-    image_batches,
     require_labels,
 )
 from .engine import Objective, Trainer, resolve_device
@@ -46,8 +47,19 @@ from .plugins import get_registry
 from .progress import set_enabled as show_progress
 from .progress import track
 from .repo import save_model_repo
-from .run_folder import RESOLVED_CONFIG, check_resume_matches, prepare_output
-from .step import AmalgamationStep, build_teacher_cache
+from .run_folder import (
+    RESOLVED_CONFIG,
+    check_resume_matches,
+    config_notes,
+    prepare_output,
+    resolved_config,
+)
+from .step import (
+    AmalgamationStep,
+    build_teacher_cache,
+    calibration_batches,
+    features_before_setup,
+)
 from .teacher_loading import resolve_teacher
 
 
@@ -77,7 +89,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     seed_everything(cfg.train.seed)
 
     teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
-    _check_backbones(cls, teachers)
+    check_backbone_teachers(cls, teachers)
     cls.check_teachers(teachers)
     check_class_names(teachers)
     transfer = dataset_from_ref(cfg.data.transfer, "data.transfer")
@@ -95,29 +107,45 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names, spec))
     student = amalgamator.build_student().to(device)
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
-    check_views(plan, teachers, cls.name, cls.mixed_views, lambda: _algorithms_with("mixed_views"))
+    check_views(plan, teachers, cls.name, cls.mixed_views, lambda: algorithms_with("mixed_views"))
     if eval_data is not None:
         check_label_names(eval_data, student.tasks, "the student", "data.eval", every_class=True)
     for teacher in teachers:
         teacher.to(device)
-    resolved = _resolved_config(cfg, teachers, student, base_dir)
+    resolved = resolved_config(cfg, teachers, student, base_dir)
     if resume:
         check_resume_matches(out, resolved)
     calibration = calibration_sample(transfer, cfg.train.calibration_images, cfg.train.seed)
     if len(calibration) < len(transfer) and progress and distributed.is_main_process():
         print(f"kamal: setup reads {len(calibration)} of {len(transfer)} transfer images "
               "(train.calibration_images)", file=sys.stderr)
+    local = distributed.shard(transfer, cfg.train.seed)
+
+    def new_step() -> AmalgamationStep:
+        return AmalgamationStep(teachers, student, amalgamator, plan=plan,
+                                batch_teachers=cfg.train.batch_teachers,
+                                teacher_channels_last=cfg.train.teacher_channels_last)
+
+    # One pass: an algorithm that taps no teacher layer can have the cache filled first and
+    # calibrate on it (the teachers run over the transfer data once); else setup comes first
+    # (its layers are known after it) and calibration runs the teachers on its sample. A
+    # distributed run's cache holds only this process's shard: calibration runs them.
+    early = (new_step() if features_before_setup(amalgamator) is False
+             and distributed.world_size() == 1 else None)
+    cache = build_teacher_cache(early, transfer, cfg, out, device, local) if early else None
     # batches of the training size: teachers at full resolution must fit the device here too
     batches = -(-len(calibration) // cfg.train.batch_size)
-    amalgamator.setup(student, track(image_batches(calibration, cfg.train.batch_size, plan),
-                                     "calibrating on the transfer data", batches))
+    amalgamator.setup(student, track(
+        calibration_batches(calibration, plan, cfg.train.batch_size, device, teachers, cache),
+        "calibrating on the transfer data", batches))
     if distributed.is_main_process():
-        (out / RESOLVED_CONFIG).write_text(_cache_notes(teachers) + _input_notes(teachers)
+        (out / RESOLVED_CONFIG).write_text(config_notes(teachers)
                                            + yaml.safe_dump(resolved, sort_keys=False))
-    step = AmalgamationStep(teachers, student, amalgamator, batch_teachers=cfg.train.batch_teachers,
-                            teacher_channels_last=cfg.train.teacher_channels_last, plan=plan)
-    local = distributed.shard(transfer, cfg.train.seed)
-    step.cache = build_teacher_cache(step, transfer, cfg, out, device, local)
+    step = new_step()
+    if early is not None and step.teacher_layers == early.teacher_layers:
+        step.runner, step.cache = early.runner, cache  # the runner that filled the cache
+    else:
+        step.cache = build_teacher_cache(step, transfer, cfg, out, device, local)
 
     trainer = Trainer(
         modules={"student": student, **amalgamator.trainable_modules()},
@@ -131,14 +159,17 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         amalgamator.amalgamate(trainer)
         if not distributed.is_main_process():
             return {}
-        return _finish(out, student, amalgamator, algo_cfg, teachers, eval_data, calibration,
+        return _finish(out, student, amalgamator, algo_cfg, teachers, eval_data,
+                       lambda: calibration_batches(calibration, plan, trainer.cfg.batch_size,
+                                                   device, teachers, cache and step.cache),
                        trainer, step, started)
     finally:
         loggers.close()
 
 
 def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any,
-            teachers: list[Teacher], eval_data: ImageDataset | None, calibration: Dataset,
+            teachers: list[Teacher], eval_data: ImageDataset | None,
+            calibration: Callable[[], Iterable[Tensor | ViewBatch]],
             trainer: Trainer, step: AmalgamationStep, started: float) -> dict[str, Any]:
     """The report, the student repo, report.json, the curves and the loggers' report: all
     written, or an error naming the step that failed (the checkpoint stays for --resume)."""
@@ -147,7 +178,7 @@ def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any
         student.eval()
         report = reporting.amalgamation_report(
             algorithm=amalgamator, teachers=teachers, student=student, eval_data=eval_data,
-            device=trainer.device, calibration_data=calibration, batch_size=trainer.cfg.batch_size,
+            device=trainer.device, calibration=calibration,
             merge_mode=getattr(algo_cfg, "merge", "standardize"))
         report["best_checkpoint"] = trainer.best
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
@@ -182,29 +213,6 @@ def _load_amalgamator(cfg: RunConfig) -> tuple[type[Amalgamator], Any]:
     return cls, algo_cfg
 
 
-def _algorithms_with(flag: str) -> list[str]:
-    """Installed algorithms whose class sets ``flag`` (for a suggestion in an error)."""
-    registry, names = get_registry(), []
-    for name in registry.names("amalgamators"):
-        try:
-            if getattr(registry.get("amalgamators", name), flag, False):
-                names.append(name)
-        except Exception:  # noqa: BLE001 - a plugin that fails to load is no suggestion
-            continue
-    return names
-
-
-def _check_backbones(cls: type[Amalgamator], teachers: list[Teacher]) -> None:
-    """Teachers without a task (backbones) need an algorithm that distils features."""
-    for i, teacher in enumerate(teachers):
-        if not teacher.tasks and not cls.backbone_teachers:
-            others = ", ".join(_algorithms_with("backbone_teachers")) or "none installed"
-            raise ConfigError(
-                f"teachers.{i}: '{teacher.name}' is a backbone without a task head, and "
-                f"algorithm '{cls.name}' distils task outputs; use an algorithm that distils "
-                f"features ({others}) or a repo with a head")
-
-
 def _evaluator(student: Student, eval_data: ImageDataset | None, device: torch.device):
     if eval_data is None:
         return None
@@ -215,34 +223,3 @@ def _evaluator(student: Student, eval_data: ImageDataset | None, device: torch.d
                         views=[student.input_spec.view])
 
     return evaluator
-
-
-def _resolved_config(cfg: RunConfig, teachers: list[Teacher], student: Student,
-                     base: Path) -> dict[str, Any]:
-    """The run's config with teacher revisions pinned and paths absolute (``config.yaml``)."""
-    data = cfg.model_dump(exclude_none=True)
-    for entry, teacher in zip(data["teachers"], teachers, strict=True):
-        if "hub" in entry:
-            entry["revision"] = teacher.source["revision"]
-        else:
-            entry["path"] = str((base / entry["path"]).resolve())
-    spec = student.input_spec.to_dict()  # what the student read, resolved and re-runnable
-    data["student"]["input"] = {k: v for k, v in spec.items() if k != "channels"}
-    return data
-
-
-def _input_notes(teachers: list[Teacher]) -> str:
-    """YAML comments for ``config.yaml``: how each teacher read the images (from its repo)."""
-    return "".join(f"# teachers.{i} '{t.name}' reads {t.input_spec.view.describe()}, mean "
-                   f"{list(t.input_spec.mean)}, std {list(t.input_spec.std)}\n"
-                   for i, t in enumerate(teachers))
-
-
-def _cache_notes(teachers: list[Teacher]) -> str:
-    """YAML comments for ``config.yaml`` naming teachers whose revision came from the local
-    Hub cache (the Hub was unreachable); comments keep the file a valid, re-runnable config."""
-    lines = [f"# teachers.{i}: revision {t.source['revision']} came from the local Hub cache "
-             f"(the Hub was unreachable when resolving "
-             f"'{t.source.get('requested_revision') or 'main'}')\n"
-             for i, t in enumerate(teachers) if t.source.get("revision_from") == "cache"]
-    return "".join(lines)

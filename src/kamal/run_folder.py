@@ -8,13 +8,17 @@ the model repo it produced: ``student/`` (``kamal amalgamate``) or ``model/``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import distributed
 from .errors import KamalError
 from .repo import CONFIG_FILE
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .interfaces import Student, Teacher
 
 RUN_MARKERS = ("report.json", "checkpoints", "metrics.jsonl")
 RESOLVED_CONFIG = "config.yaml"  # the run's config, teacher paths absolute and revisions pinned
@@ -89,3 +93,40 @@ def check_resume_matches(out: Path, resolved: dict[str, Any]) -> None:
                          f"with this config. Differences: {'; '.join(differences)}. Resume with "
                          "the original config (train.epochs, the optimizer, data.eval and logging "
                          "may change), or start a new run with another --output")
+
+
+def resolved_config(cfg: RunConfig, teachers: list[Teacher], student: Student,
+                    base: Path) -> dict[str, Any]:
+    """The run's config with teacher revisions pinned and paths absolute (``config.yaml``)."""
+    data = cfg.model_dump(exclude_none=True)
+    for entry, teacher in zip(data["teachers"], teachers, strict=True):
+        if "hub" in entry:
+            entry["revision"] = teacher.source["revision"]
+        else:
+            entry["path"] = str((base / entry["path"]).resolve())
+    spec = student.input_spec.to_dict()  # what the student read, resolved and re-runnable
+    data["student"]["input"] = {k: v for k, v in spec.items() if k != "channels"}
+    return data
+
+
+def config_notes(teachers: list[Teacher]) -> str:
+    """YAML comments that head ``config.yaml``: teachers whose revision came from the local
+    Hub cache, and how each teacher read the images."""
+    return _cache_notes(teachers) + _input_notes(teachers)
+
+
+def _input_notes(teachers: list[Teacher]) -> str:
+    """YAML comments for ``config.yaml``: how each teacher read the images (from its repo)."""
+    return "".join(f"# teachers.{i} '{t.name}' reads {t.input_spec.view.describe()}, mean "
+                   f"{list(t.input_spec.mean)}, std {list(t.input_spec.std)}\n"
+                   for i, t in enumerate(teachers))
+
+
+def _cache_notes(teachers: list[Teacher]) -> str:
+    """YAML comments for ``config.yaml`` naming teachers whose revision came from the local
+    Hub cache (the Hub was unreachable); comments keep the file a valid, re-runnable config."""
+    lines = [f"# teachers.{i}: revision {t.source['revision']} came from the local Hub cache "
+             f"(the Hub was unreachable when resolving "
+             f"'{t.source.get('requested_revision') or 'main'}')\n"
+             for i, t in enumerate(teachers) if t.source.get("revision_from") == "cache"]
+    return "".join(lines)

@@ -8,13 +8,15 @@ resulting :class:`~kamal.interfaces.Batch`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .amalgamator import Amalgamator
@@ -22,7 +24,7 @@ from .cache import TeacherCache, choose_mode, fingerprint
 from .config import RunConfig
 from .data.base import ImageDataset
 from .data.transforms import ViewBatch, model_input
-from .data.views import UnlabeledView, ViewPlan
+from .data.views import DENSE_KINDS, UnlabeledView, ViewPlan, image_batches
 from .engine import StepInfo
 from .errors import KamalError
 from .features import FeatureTap
@@ -130,3 +132,53 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
                 lambda x: step.run_teachers(step.plan.batch(x).to(device)),  # type: ignore[union-attr]
                 cfg.train.batch_size, key)
     return cache
+
+
+def features_before_setup(amalgamator: Amalgamator) -> bool | None:
+    """Whether the algorithm taps teacher layers, asked before its ``setup`` (``None``: it
+    cannot say yet, e.g. it resolves its layers in ``setup``)."""
+    try:
+        request = amalgamator.feature_layers()
+    except Exception:  # noqa: BLE001 - an algorithm that needs setup first
+        return None
+    return any(request.teachers or [])
+
+
+def calibration_batches(calibration: Dataset, plan: ViewPlan, batch_size: int,
+                        device: torch.device, teachers: list[Teacher],
+                        cache: TeacherCache | None = None) -> Iterator[Tensor | ViewBatch]:
+    """The calibration images in batches (``plan``'s views, on ``device``). With a filled
+    teacher cache over the same data, a teacher called on a yielded batch answers from the
+    cache instead of running: the teachers ran over the transfer data once."""
+    if cache is None:
+        for batch in image_batches(calibration, batch_size, plan):
+            yield batch.to(device)
+        return
+    rows = (list(calibration.indices) if isinstance(calibration, Subset)
+            else list(range(len(calibration))))  # type: ignore[arg-type]
+    start = 0
+    for data in DataLoader(UnlabeledView(calibration, plan.views), batch_size=batch_size):
+        images = plan.batch(data).to(device)
+        count = len(images)
+        outputs, _ = cache.lookup(torch.tensor(rows[start:start + count]), device)
+        start += count
+        with answering_from_cache(teachers, images, outputs, plan):
+            yield images
+
+
+@contextmanager
+def answering_from_cache(teachers: list[Teacher], images: Tensor | ViewBatch,
+                         outputs: list[dict[str, Tensor]], plan: ViewPlan) -> Iterator[None]:
+    """While active, each teacher called on exactly ``images`` returns its cached outputs
+    (not for a dense teacher at another size: the cache holds its maps at the student's)."""
+    student_size = plan.views[plan.student].size
+    answering = [t for t in teachers if t.input_spec.view.size == student_size
+                 or not any(task.kind in DENSE_KINDS for task in t.tasks)]
+    for teacher, out in zip(teachers, outputs, strict=True):
+        if teacher in answering:
+            teacher.answer(images, out)
+    try:
+        yield
+    finally:
+        for teacher in answering:
+            teacher.answer(None, None)

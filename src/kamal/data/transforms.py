@@ -189,9 +189,13 @@ class ViewBatch:
         return ViewBatch({view: value[index] for view, value in self.tensors.items()})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewBatch:
-        """The same views on ``device``."""
-        return ViewBatch({view: value.to(device, non_blocking=non_blocking)
-                          for view, value in self.tensors.items()})
+        """The same views on ``device`` (``self`` when they are there already, as a tensor's
+        ``to`` does)."""
+        moved = {view: value.to(device, non_blocking=non_blocking)
+                 for view, value in self.tensors.items()}
+        if all(moved[view] is value for view, value in self.tensors.items()):
+            return self
+        return ViewBatch(moved)
 
     @staticmethod
     def cat(batches: Sequence[ViewBatch]) -> ViewBatch:
