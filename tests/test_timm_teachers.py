@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_kamal
 
 from kamal import KamalError, load_model, save_model_repo
 from kamal.config import TeacherRef
@@ -100,3 +101,35 @@ def test_unnamed_classes_are_never_merged_by_their_numbers(tmp_path):
     named = resolve_teacher(TeacherRef(path=str(tmp_path / "a"), classes={0: "x", 1: "y"}),
                             tmp_path, 0)
     assert not named.tasks[0].guessed_names
+
+
+def test_same_architecture_timm_teachers_with_layerwise_and_recombination(tmp_path):
+    """layerwise takes two timm teachers of one architecture (the student: the same timm
+    network); recombination cannot splice a wrapped timm classifier and says what can."""
+    from timm.models._hub import save_for_hf
+
+    for i, classes in enumerate((["0", "1", "2", "3", "4"], ["5", "6", "7", "8", "9"])):
+        torch.manual_seed(i)
+        model = timm.create_model("resnet10t", pretrained=False, num_classes=5, in_chans=1)
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, 16, 16)}
+        save_for_hf(model.eval(), str(tmp_path / f"t{i}"), safe_serialization=True,
+                    model_config={"label_names": classes,
+                                  "model_args": {"num_classes": 5, "in_chans": 1}})
+        (tmp_path / f"t{i}" / "pytorch_model.bin").unlink(missing_ok=True)
+    outputs = {}
+    for algorithm, student in (("layerwise", {"architecture": "timm", "architecture_kwargs": {
+            "model_name": "resnet10t"}}), ("recombination", {"architecture": "recombined"})):
+        config = {"teachers": [{"path": str(tmp_path / "t0")}, {"path": str(tmp_path / "t1")}],
+                  "student": {**student, "task_names": {"classification": "digits"}},
+                  "algorithm": {"name": algorithm},
+                  "data": {"transfer": {"dataset": "digits", "split": "transfer", "size": 16}},
+                  "train": {"epochs": 1, "batch_size": 64, "device": "cpu"}}
+        path = tmp_path / f"{algorithm}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        outputs[algorithm] = run_kamal("amalgamate", str(path), "-o", str(tmp_path / algorithm),
+                                       "--quiet")
+    assert outputs["layerwise"].returncode == 0, outputs["layerwise"].stderr[-2000:]
+    assert (tmp_path / "layerwise" / "student" / "model.safetensors").is_file()
+    refused = outputs["recombination"]
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "teacher 't0' is a 'timm' model" in refused.stderr and "Use layerwise" in refused.stderr

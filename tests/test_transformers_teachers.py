@@ -158,7 +158,10 @@ def test_kd_and_cfl_amalgamate_a_transformers_vit_with_a_torchvision_cnn(tmp_pat
 
     _vit(tmp_path / "vit")
     _torchvision_repo(tmp_path / "tv", ["wall", "floor", "circle", "square"])
-    for algorithm in ({"name": "kd"}, {"name": "cfl", "layer": "<head>:in", "tsne_samples": 0}):
+    runs = [({"name": "kd"}, "memory"), ({"name": "kd"}, "off"),
+            ({"name": "cfl", "layer": "<head>:in", "tsne_samples": 0}, "auto")]
+    for algorithm, cache in runs:
+        name = f"{algorithm['name']}-{cache}"
         config = {
             "teachers": [{"name": "vit", "path": str(tmp_path / "vit")},
                          {"name": "tv", "path": str(tmp_path / "tv")}],
@@ -167,11 +170,16 @@ def test_kd_and_cfl_amalgamate_a_transformers_vit_with_a_torchvision_cnn(tmp_pat
             "algorithm": algorithm,
             "data": {"transfer": {"dataset": "scenes", "split": "transfer", "size": 32,
                                   "count": 64}},
-            "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+            "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "teacher_cache": cache},
         }
-        path = tmp_path / f"{algorithm['name']}.yaml"
+        path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        report = kamal.amalgamate(path, tmp_path / algorithm["name"], progress=False)
+        report = kamal.amalgamate(path, tmp_path / name, progress=False)
         assert [t["source"]["format"] for t in report["teachers"]] == ["transformers", "torchvision"]
-        student = kamal.load_model(tmp_path / algorithm["name"] / "student")
+        student = kamal.load_model(tmp_path / name / "student")
         assert student.tasks[0].classes == ["cat", "dog", "fox", "wall", "floor", "circle", "square"]
+    # the teacher cache gives these teachers' outputs as running them does
+    cached, plain = (kamal.load_model(tmp_path / f"kd-{c}" / "student").state_dict()
+                     for c in ("memory", "off"))
+    for key, value in plain.items():
+        torch.testing.assert_close(cached[key].float(), value.float(), atol=1e-5, rtol=1e-4)

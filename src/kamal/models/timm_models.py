@@ -40,6 +40,8 @@ class TimmClassifier(nn.Module):
             raise ValueError(f"timm has no architecture '{model_name}'")
         args = dict(model_args or {})
         args.setdefault("in_chans", in_channels)
+        if class_indices is None:  # a student: a head with one output per class
+            args.setdefault("num_classes", num_outputs)
         self.model = timm.create_model(model_name, pretrained=False, **args)
         head = self.model.num_classes
         self.class_indices = list(class_indices if class_indices is not None else range(head))

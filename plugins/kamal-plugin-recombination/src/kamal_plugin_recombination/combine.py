@@ -37,6 +37,13 @@ def check_combinable(teachers: Sequence[Teacher]) -> None:
     if arch_name == NAME:
         raise KamalError("teachers that are themselves recombined networks cannot be recombined "
                          "again; combine their original teachers instead")
+    if get_registry().get("architectures", arch_name).head is None:
+        name = next(iter(archs))
+        raise KamalError(
+            f"recombination splices the teachers' classifiers into one head, but teacher "
+            f"'{name}' is a '{arch_name}' model whose classifier kamal's registry does not name "
+            "(a timm or torchvision repo wraps a whole network). Use layerwise (same "
+            "architecture, any format), cfl or kd.")
     if get_registry().get("architectures", arch_name).multi_task:
         raise KamalError(f"recombination needs single-head teachers; '{arch_name}' is multi-task")
     for teacher in teachers:
