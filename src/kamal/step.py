@@ -23,8 +23,8 @@ from .amalgamator import Amalgamator
 from .cache import TeacherCache, choose_mode, fingerprint
 from .config import RunConfig
 from .data.base import ImageDataset
-from .data.transforms import ViewBatch, model_input
-from .data.views import DENSE_KINDS, UnlabeledView, ViewPlan, image_batches
+from .data.transforms import DENSE_KINDS, ViewBatch, model_input
+from .data.views import UnlabeledView, ViewPlan, image_batches
 from .engine import StepInfo
 from .errors import KamalError
 from .features import FeatureTap

@@ -36,6 +36,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+# task kinds whose outputs are maps over the image (their pixels must line up across views)
+DENSE_KINDS = ("segmentation", "depth")
 RESIZES = ("shorter", "squash")
 BACKENDS = ("pil", "tensor")
 PIL_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")

@@ -24,10 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..errors import ConfigError, RegistryError
 from ..tasks.classification import NamedClassesTask
 from .base import ImageDataset, build_dataset
-from .transforms import ImageView, ViewBatch
-
-# task kinds whose outputs are maps over the image (their pixels must line up across views)
-DENSE_KINDS = ("segmentation", "depth")
+from .transforms import DENSE_KINDS, ImageView, ViewBatch
 
 if TYPE_CHECKING:
     from ..config import DataRef
@@ -83,7 +80,11 @@ class SampleView(Dataset):
         """Sample ``index``'s image: as the dataset gives it, or through each view."""
         if self.views is None:
             return self.dataset[index][0]
-        image = source_image(self.dataset, index)
+        return self.through_views(source_image(self.dataset, index))
+
+    def through_views(self, image: Any) -> Tensor | tuple[Tensor, ...]:
+        """A source image through the views (a tensor for one view, a tuple for several)."""
+        assert self.views is not None
         if len(self.views) == 1:
             return self.views[0](image)
         return tuple(view(image) for view in self.views)
@@ -118,9 +119,7 @@ class LabelledView(SampleView):
         if self.views is None:
             return self.dataset[index]
         image, label = source_item(self.dataset, index)
-        pixels = (self.views[0](image) if len(self.views) == 1
-                  else tuple(view(image) for view in self.views))
-        return pixels, label
+        return self.through_views(image), label
 
 
 def source_item(dataset: Dataset, index: int) -> tuple[Any, Any]:

@@ -7,6 +7,7 @@ and both are saved in the same model-repo layout.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.transforms import ViewBatch, model_input
+from ..data.transforms import DENSE_KINDS, ViewBatch, model_input, view_problem
 from ..errors import ConfigError, KamalError, ModelRepoError
 from ..interfaces import InputSpec, Student, StudentSpec, Task, Teacher
 from ..plugins import get_registry
@@ -37,6 +38,14 @@ class Architecture:
     head: str | None = None
     multi_task: bool = False
     description: str = ""
+
+
+def head_removed(net: nn.Module) -> bool:
+    """Whether a wrapper network's classifier (its ``head_layer``) was replaced by an
+    identity: then it outputs features, and no class selection applies (recombination
+    splices the teachers' classifiers into one head this way)."""
+    head = getattr(net, "head_layer", None)
+    return head is not None and isinstance(net.get_submodule(head), nn.Identity)
 
 
 def task_from_dict(data: dict[str, Any]) -> Task:
@@ -219,28 +228,27 @@ def student_input_spec(teachers: Sequence[Teacher],
     hw = (int(side), int(side)) if isinstance(side, int) else tuple(int(v) for v in side)
     crop_pct = base.pop("crop_pct", None)
     if crop_pct is not None and not base.get("resize_to"):
-        import math
-
         scaled = (math.floor(hw[0] / crop_pct), math.floor(hw[1] / crop_pct))
         base["resize_to"] = scaled[:1] if base.get("resize", "shorter") == "shorter" else scaled
     spec = InputSpec(first.channels, hw, tuple(base["mean"]), tuple(base["std"]),
                      base.get("resize", "shorter"), tuple(base.get("resize_to") or ()),
                      base.get("interpolation", "bilinear"), base.get("backend", "tensor"))
-    from ..data.transforms import view_problem
-
     problem = view_problem(spec.channels, spec.size, spec.resize, spec.resize_to,
                            spec.interpolation, spec.backend)
+    try:
+        _per_channel(spec.mean, spec.channels)
+        _per_channel(spec.std, spec.channels)
+    except ModelRepoError as exc:
+        problem = problem or str(exc)
     if problem:
         raise ConfigError(f"student.input: {problem}")
-    _per_channel(spec.mean, spec.channels)
-    _per_channel(spec.std, spec.channels)
     return spec
 
 
 def _dense_teachers_squash(teachers: Sequence[Teacher]) -> bool:
     """Whether the teachers with dense tasks all squash the whole image (no crop)."""
     views = [t.input_spec.view for t in teachers
-             if any(task.kind in ("segmentation", "depth") for task in t.tasks)]
+             if any(task.kind in DENSE_KINDS for task in t.tasks)]
     return bool(views) and all(v.resize == "squash" and tuple(v.resize_to) == tuple(v.size)
                                for v in views)
 

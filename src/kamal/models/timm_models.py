@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import KamalError, ModelRepoError
-from .base import Architecture
+from .base import Architecture, head_removed
 
 INSTALL_HINT = "install the optional extra: pip install 'kamal-core[timm]'"
 
@@ -57,7 +57,8 @@ class TimmClassifier(nn.Module):
                                if name != classifier and any(True for _ in module.parameters())]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)[:, self.class_indices]
+        out = self.model(x)
+        return out if head_removed(self) else out[:, self.class_indices]
 
 
 TIMM = Architecture(TimmClassifier, (), head=None, description="any timm model (kamal-core[timm])")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Architecture
+from .base import Architecture, head_removed
 
 
 def _resnet(depth: int):
@@ -72,7 +72,8 @@ class TorchvisionClassifier(nn.Module):
                                if name != head and any(True for _ in module.parameters())]
 
     def forward(self, x):
-        return self.model(x)[:, self.class_indices]
+        out = self.model(x)
+        return out if head_removed(self) else out[:, self.class_indices]
 
 
 TORCHVISION = Architecture(TorchvisionClassifier, (), head=None,

@@ -16,7 +16,7 @@ import torch
 
 from kamal import ClassificationTask, InputSpec, KamalError, KamalModel, Teacher, get_registry, merge_tasks
 
-from .network import NAME, RecombinedNet, classifier_name
+from .network import NAME, RecombinedNet, classifier_name, head_of
 
 
 def check_combinable(teachers: Sequence[Teacher]) -> None:
@@ -37,13 +37,6 @@ def check_combinable(teachers: Sequence[Teacher]) -> None:
     if arch_name == NAME:
         raise KamalError("teachers that are themselves recombined networks cannot be recombined "
                          "again; combine their original teachers instead")
-    if get_registry().get("architectures", arch_name).head is None:
-        name = next(iter(archs))
-        raise KamalError(
-            f"recombination splices the teachers' classifiers into one head, but teacher "
-            f"'{name}' is a '{arch_name}' model whose classifier kamal's registry does not name "
-            "(a timm or torchvision repo wraps a whole network). Use layerwise (same "
-            "architecture, any format), cfl or kd.")
     if get_registry().get("architectures", arch_name).multi_task:
         raise KamalError(f"recombination needs single-head teachers; '{arch_name}' is multi-task")
     for teacher in teachers:
@@ -81,8 +74,9 @@ def combine(teachers: Sequence[Teacher], task_names: dict[str, str] | None = Non
     assert isinstance(merged, ClassificationTask)
     spec, norms = _input_specs(teachers)
     arch_name = teachers[0].model.architecture  # type: ignore[attr-defined]
-    head = get_registry().get("architectures", arch_name).head
-    branches = [{"base_kwargs": dict(t.model.architecture_kwargs), **norm}  # type: ignore[attr-defined]
+    arch = get_registry().get("architectures", arch_name)
+    branches = [{"base_kwargs": dict(t.model.architecture_kwargs),  # type: ignore[attr-defined]
+                 "num_outputs": t.tasks[0].num_outputs, **norm}
                 for t, norm in zip(teachers, norms, strict=True)]
     student = KamalModel(NAME, tasks, spec, {"base": arch_name, "branches": branches})
     net = student.net
@@ -95,18 +89,20 @@ def combine(teachers: Sequence[Teacher], task_names: dict[str, str] | None = Non
     state: dict[str, torch.Tensor] = {}
     for i, teacher in enumerate(teachers):
         teacher_net = teacher.model.features
-        classifier = classifier_name(teacher_net, head)
+        classifier = classifier_name(teacher_net, head_of(teacher_net, arch))
         for key, value in teacher_net.state_dict().items():
             if not key.startswith(classifier + "."):
                 state[f"branches.{i}.{key}"] = value.detach().cpu()
         linear = teacher_net.get_submodule(classifier)
+        # a wrapped library classifier keeps its whole head and selects the task's rows
+        chosen = getattr(teacher_net, "class_indices", None) or list(range(linear.out_features))
         rows = merged.positions(teacher.tasks[0])  # type: ignore[arg-type]
         scale = (1.0 / sharing[rows])
         weight = torch.zeros(merged.num_outputs, linear.in_features)
-        weight[rows] = linear.weight.detach().cpu() * scale[:, None]
+        weight[rows] = linear.weight.detach().cpu()[chosen] * scale[:, None]
         bias = torch.zeros(merged.num_outputs)
         if linear.bias is not None:
-            bias[rows] = linear.bias.detach().cpu() * scale
+            bias[rows] = linear.bias.detach().cpu()[chosen] * scale
         state[f"head.pieces.{i}.weight"], state[f"head.pieces.{i}.bias"] = weight, bias
     net.load_state_dict(state, strict=True)
     return student

@@ -71,6 +71,12 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def head_of(net: nn.Module, arch: Architecture) -> str | None:
+    """The architecture's head layer, or the one the built network names (networks that
+    wrap a library's model, such as timm's and torchvision's, name it on the instance)."""
+    return arch.head or getattr(net, "head_layer", None)
+
+
 def classifier_name(net: nn.Module, head: str | None) -> str:
     """Name of the last ``nn.Linear`` inside the architecture's ``head`` module."""
     if head is None:
@@ -148,12 +154,13 @@ class RecombinedNet(nn.Module):
         self.branch_specs = [dict(b) for b in branches]
         nets, features = [], []
         for i, spec in enumerate(self.branch_specs):
-            unknown = set(spec) - {"base_kwargs", "mean", "std"}
+            unknown = set(spec) - {"base_kwargs", "mean", "std", "num_outputs"}
             if unknown:
                 raise ValueError(f"branches[{i}] has unknown keys {sorted(unknown)}")
-            net = arch.build(num_outputs=num_outputs, in_channels=in_channels,
-                             **spec.get("base_kwargs", {}))
-            name = classifier_name(net, arch.head)
+            # built as its teacher was (its own head width); the merged head replaces the head
+            net = arch.build(num_outputs=spec.get("num_outputs", num_outputs),
+                             in_channels=in_channels, **spec.get("base_kwargs", {}))
+            name = classifier_name(net, head_of(net, arch))
             features.append(net.get_submodule(name).in_features)
             set_module(net, name, nn.Identity())  # the merged head classifies
             nets.append(net)
