@@ -130,8 +130,11 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     # calibrate on it (the teachers run over the transfer data once); else setup comes first
     # (its layers are known after it) and calibration runs the teachers on its sample. A
     # distributed run's cache holds only this process's shard: calibration runs them.
+    # (Augmented data is never cached: then nothing is probed early, so the random state the
+    # training starts from is the same as without this path.)
     early = (new_step() if features_before_setup(amalgamator) is False
-             and distributed.world_size() == 1 else None)
+             and distributed.world_size() == 1 and cfg.train.teacher_cache != "off"
+             and not transfer.augmented else None)
     cache = build_teacher_cache(early, transfer, cfg, out, device, local) if early else None
     # batches of the training size: teachers at full resolution must fit the device here too
     batches = -(-len(calibration) // cfg.train.batch_size)

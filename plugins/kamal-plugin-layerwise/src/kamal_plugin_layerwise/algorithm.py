@@ -133,6 +133,8 @@ class LayerwiseAmalgamator(Amalgamator):
         return {"amal": self.blocks, "merger": self.kd.merger}
 
     def feature_layers(self) -> FeatureRequest:
+        if not self.layers:  # chosen in setup from the student's shapes: not known yet
+            raise KamalError("layerwise: the layers are chosen in setup; ask after it")
         return FeatureRequest(teachers=[list(self.layers) for _ in self.teachers],
                               student=list(self.layers))
 
