@@ -29,6 +29,13 @@ def test_kd_example_reaches_90_percent_without_labels(readme_kd_run):
     for teacher in report["teachers"]:
         (metrics,) = teacher["metrics"].values()
         assert metrics["top1"] > 0.95 and len(teacher["source"]["sha256"]) == 64
+    # the ceiling: with disjoint teachers a perfect gate is each teacher on its own classes
+    oracle = report["ensemble_oracle"]["metrics"]["digits"]["top1"]
+    own = [next(iter(t["metrics"].values())) for t in report["teachers"]]
+    expected = sum(m["top1"] * m["samples"] for m in own) / sum(m["samples"] for m in own)
+    assert oracle == pytest.approx(expected, abs=1e-9) and oracle > report["ensemble"][
+        "metrics"]["digits"]["top1"]
+    assert "teachers' ensemble (oracle gate)" in stdout
     assert report["student"]["params"] > 0 and report["student"]["latency_ms"] > 0
     for name in ("config.json", "model.safetensors", "README.md"):
         assert (out / "student" / name).exists()

@@ -163,3 +163,20 @@ def test_pickle_weights_are_never_read(tmp_path):
     torch.save(model.state_dict(), tmp_path / "m" / "model.safetensors")  # a pickle in disguise
     with pytest.raises(ModelRepoError, match="not a readable safetensors file"):
         load_model(tmp_path / "m")
+
+
+def test_the_oracle_gate_routes_each_image_to_the_teachers_that_know_its_label():
+    from kamal.merging import oracle_merge
+
+    a, b = ClassificationTask("a", ["cat", "dog"]), ClassificationTask("b", ["dog", "owl"])
+    merged = ClassificationTask.merge([a, b], "all")  # cat, dog, owl
+    sources = [(0, a), (1, b)]
+    # teacher a is 10x louder and confidently wrong about owls (which it does not know)
+    outputs = [{"a": torch.tensor([[30.0, 0.0], [0.0, 30.0], [30.0, 0.0]])},
+               {"b": torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])}]
+    labels = torch.tensor([0, 1, 2])  # cat (a only), dog (both), owl (b only)
+    out = oracle_merge(merged, sources, outputs, labels)
+    assert out.argmax(1).tolist() == [0, 1, 2]
+    assert torch.isinf(out[0, 2]) and torch.isinf(out[2, 0])  # the other teacher's classes
+    log_a, log_b = torch.log_softmax(outputs[0]["a"], 1), torch.log_softmax(outputs[1]["b"], 1)
+    assert torch.isclose(out[1, 1], (log_a[1, 1] + log_b[1, 0]) / 2)  # both know dog: averaged

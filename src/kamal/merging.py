@@ -99,3 +99,23 @@ class LogitMerger(nn.Module):
 def confidence(logits: Tensor) -> Tensor:
     """A teacher's confidence per sample: its max logit minus the mean logit."""
     return logits.max(dim=1).values - logits.mean(dim=1)
+
+
+def oracle_merge(target: ClassificationTask, sources: Sequence[tuple[int, ClassificationTask]],
+                 teacher_outputs: Sequence[dict[str, Tensor]], labels: Tensor) -> Tensor:
+    """The ceiling of any gate: each image routed to the teacher(s) whose classes hold its
+    true label (``labels``, in ``target``'s indices, -1 unknown), their log-probabilities
+    averaged over the classes they know; other classes ``-inf``. Uses evaluation labels:
+    for the report's ceiling only, never for training."""
+    total, count = None, None
+    rows = labels.clamp_min(0)[:, None]
+    for i, task in sources:
+        placed = target.embed(task, torch.log_softmax(teacher_outputs[i][task.name], dim=1))
+        known = torch.isfinite(placed)
+        owner = known.gather(1, rows) & (labels[:, None] >= 0)  # this teacher knows the label
+        use = known & owner
+        part = torch.where(use, placed, torch.zeros_like(placed))
+        total = part if total is None else total + part
+        count = use.float() if count is None else count + use.float()
+    assert total is not None and count is not None
+    return torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("-inf")))
