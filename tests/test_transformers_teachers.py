@@ -183,3 +183,20 @@ def test_kd_and_cfl_amalgamate_a_transformers_vit_with_a_torchvision_cnn(tmp_pat
                      for c in ("memory", "off"))
     for key, value in plain.items():
         torch.testing.assert_close(cached[key].float(), value.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_kamal_inspect_shows_a_backbones_output_layers(tmp_path):
+    from conftest import run_kamal
+    from family_repos import FAMILIES
+
+    FAMILIES["dinov2"][0](tmp_path / "dinov2")
+    result = run_kamal("inspect", str(tmp_path / "dinov2"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "architecture: Dinov2Model" in result.stdout
+    assert "reads:        32x32 (shorter side 40, bicubic, tensor)" in result.stdout
+    for layer, shape in (("last_hidden_state", "(2, 32, 4, 4)"), ("pooled", "(2, 32)"),
+                         ("hidden_states.2", "(2, 32, 4, 4)")):
+        assert any(line.split()[:1] == [layer] and shape in line
+                   for line in result.stdout.splitlines()), layer
+    info = json.loads(run_kamal("inspect", str(tmp_path / "dinov2"), "--json").stdout)
+    assert info["tasks"] == [] and info["input"]["resize_to"] == [40]

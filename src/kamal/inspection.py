@@ -40,8 +40,10 @@ def inspect_repo(ref: str, format_name: str | None = None, batch: int = 2) -> di
         model(torch.rand(batch, spec.channels, *spec.size))
     layers = [{"name": name, "shape": list(tap.features[name].shape)} for name in names
               if name in tap.features and isinstance(tap.features[name], torch.Tensor)]
-    config = getattr(model, "config", None)
-    described = config() if callable(config) else {}
+    try:  # kamal models describe themselves; a library's network wrapped as a teacher may not
+        described = model.config()
+    except (NotImplementedError, AttributeError):
+        described = {"architecture": type(model.features).__name__}
     return {
         "ref": ref, "format": teacher.source.get("format"), "source": teacher.source,
         "architecture": described.get("architecture"),
