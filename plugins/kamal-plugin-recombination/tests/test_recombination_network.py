@@ -162,5 +162,7 @@ def test_residual_networks_prune_consistently(resnet_teachers) -> None:
 def test_unpruned_student_records_no_widths() -> None:
     student, _ = _combined(width=4)
     kwargs = student.net.architecture_kwargs()
-    assert kwargs == {"base": "small-cnn", "branches": [{"base_kwargs": {"width": 4}}] * 2,
+    # each branch is built as its teacher was: its options and its own head width
+    assert kwargs == {"base": "small-cnn",
+                      "branches": [{"base_kwargs": {"width": 4}, "num_outputs": 5}] * 2,
                       "widths": {}}
