@@ -95,7 +95,8 @@ def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_
         handle.remove()
     transfer, test = len(build_digits("transfer")), len(build_digits("test"))
     epochs, latency = 2, 3 + 20  # the report's CPU latency: 3 warm-up and 20 timed images
-    evaluation = 3 * test + latency  # each teacher's metrics, the ensemble in both merges
+    # each teacher's metrics, the ensemble in both merges and with the oracle gate
+    evaluation = 4 * test + latency
     trained = epochs * (transfer // 64 * 64)  # batches of 64, the last partial one dropped
     # off: calibration, training, the report's calibration; memory: the probe and the fill
     assert images["off"] == 2 * (transfer + trained + transfer + evaluation)
