@@ -101,3 +101,28 @@ def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_
     # off: calibration, training, the report's calibration; memory: the probe and the fill
     assert images["off"] == 2 * (transfer + trained + transfer + evaluation)
     assert images["memory"] == 2 * (8 + transfer + evaluation)
+
+
+def test_a_half_precision_cache_is_half_the_size_and_trains_alike(tmp_path, tiny_teachers):
+    reports = {}
+    for dtype, mode in (("float32", "memory"), ("float16", "memory"), ("bfloat16", "disk")):
+        path = _config(tmp_path, tiny_teachers, f"{dtype}-{mode}", teacher_cache=mode,
+                       teacher_cache_dtype=dtype)
+        reports[dtype] = amalgamate(path, tmp_path / dtype, progress=False)
+    full = reports["float32"]["teacher_cache"]["bytes"]
+    top1 = reports["float32"]["student"]["metrics"]["digits"]["top1"]
+    for dtype in ("float16", "bfloat16"):
+        assert reports[dtype]["teacher_cache"]["bytes"] * 2 == full, dtype
+        assert abs(reports[dtype]["student"]["metrics"]["digits"]["top1"] - top1) <= 0.02, dtype
+
+
+def test_disk_cache_reads_back_what_it_stored(tmp_path):
+    from kamal.cache import TeacherCache
+
+    values = torch.randn(10, 3) * 100
+    cache = TeacherCache("disk", tmp_path / "cache", torch.bfloat16)
+    cache.build(values, lambda x: ([{"t": x}], [{}]), batch_size=4, fingerprint="k")
+    outputs, _ = cache.lookup(torch.tensor([7, 2]), torch.device("cpu"))
+    expected = values[[7, 2]].to(torch.bfloat16).float()
+    assert outputs[0]["t"].dtype == torch.float32 and torch.equal(outputs[0]["t"], expected)
+    assert cache.nbytes == 10 * 3 * 2

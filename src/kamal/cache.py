@@ -25,8 +25,11 @@ from .errors import ConfigError
 
 # teacher index -> ({task: output}, {layer: feature}) for a batch of images
 TeacherFn = Callable[[Tensor], tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]]
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64,
+# numpy has no bfloat16: its bits are mapped as uint16 and viewed as bfloat16 by torch
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
 
 
 def choose_mode(requested: str, augmented: bool, estimated_bytes: int, budget_bytes: int) -> str:
@@ -43,11 +46,15 @@ def choose_mode(requested: str, augmented: bool, estimated_bytes: int, budget_by
 
 
 class TeacherCache:
-    """Outputs and features of every teacher for every sample index of the transfer data."""
+    """Outputs and features of every teacher for every sample index of the transfer data,
+    stored in ``dtype`` (floating values; read back as float32)."""
 
-    def __init__(self, mode: str, folder: Path | None = None) -> None:
+    def __init__(self, mode: str, folder: Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.mode = mode
         self.folder = folder
+        self.dtype = dtype
+        self._bfloat16: set[str] = set()  # disk keys whose uint16 bits are bfloat16
         self.keys: list[str] = []
         self.tensors: dict[str, Tensor] = {}  # memory mode: key -> (N, ...)
         self._maps: dict[str, np.ndarray] = {}  # disk mode: key -> memmap (N, ...)
@@ -72,7 +79,10 @@ class TeacherCache:
         for images in track(loader, f"filling the teacher cache ({self.mode})"):
             flat = _flatten(*run_teachers(images))
             for key, value in flat.items():
-                chunks.setdefault(key, []).append(value.detach().cpu())
+                value = value.detach()
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+                chunks.setdefault(key, []).append(value.cpu())
             # a batch is a tensor, or a tuple with one tensor per view
             shard_rows += int((images if isinstance(images, Tensor) else images[0]).shape[0])
             if self.mode == "disk" and shard_rows >= 4096:
@@ -97,8 +107,10 @@ class TeacherCache:
             flat = {k: v[idx].to(device, non_blocking=True) for k, v in self.tensors.items()}
         else:
             rows = idx.numpy()
-            flat = {k: torch.from_numpy(np.ascontiguousarray(m[rows])).to(device)
+            flat = {k: _from_disk(np.ascontiguousarray(m[rows]), k in self._bfloat16).to(device)
                     for k, m in self._maps.items()}
+        if self.dtype != torch.float32:
+            flat = {k: v.float() if v.is_floating_point() else v for k, v in flat.items()}
         return _unflatten(flat)
 
     # --- disk shards -------------------------------------------------------------------
@@ -121,7 +133,9 @@ class TeacherCache:
             return False
         per_key: dict[str, list[np.ndarray]] = {}
         for shard in index["shards"]:
-            for key, array in _memmap_safetensors(self.folder / shard["file"]).items():
+            arrays, bfloat16 = _memmap_safetensors(self.folder / shard["file"])
+            self._bfloat16 |= bfloat16
+            for key, array in arrays.items():
                 per_key.setdefault(key, []).append(array)
         # one shard is the common case; several are concatenated lazily via an index
         self._maps = {k: v[0] if len(v) == 1 else _Concat(v) for k, v in per_key.items()}
@@ -143,23 +157,31 @@ class _Concat:
                                                                              strict=True)])
 
 
-def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file (the format is header + raw bytes)."""
+def _from_disk(array: np.ndarray, bfloat16: bool) -> Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if bfloat16 else tensor
+
+
+def _memmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Memory-map every tensor of a safetensors file (the format is header + raw bytes), and
+    the keys whose bits are bfloat16."""
     with open(path, "rb") as handle:
         header_len = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(header_len))
     base = 8 + header_len
-    arrays = {}
+    arrays, bfloat16 = {}, set()
     for key, info in header.items():
         if key == "__metadata__":
             continue
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ConfigError(f"teacher cache: dtype {info['dtype']} cannot be memory-mapped")
+        if info["dtype"] == "BF16":
+            bfloat16.add(key)
         begin, _ = info["data_offsets"]
         arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=base + begin,
                                 shape=tuple(info["shape"]))
-    return arrays
+    return arrays, bfloat16
 
 
 def _flatten(outputs: Sequence[dict[str, Tensor]], features: Sequence[dict[str, Tensor]]

@@ -161,6 +161,9 @@ class AmalgamationTrainConfig(TrainConfig):
         "augmentation.")
     teacher_cache_budget_mb: float = Field(2048, gt=0, description="Memory budget of "
                                            "teacher_cache: auto, in MiB.")
+    teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Precision the teacher cache stores outputs and features in "
+        "(float16/bfloat16: half the memory or disk; read back as float32).")
     batch_teachers: Literal["auto", "on", "off"] = Field(
         "auto", description="Run same-architecture teachers as one vmapped call over their "
         "stacked weights. auto: only on devices where it was measured faster (none yet: "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .amalgamator import Amalgamator
-from .cache import TeacherCache, choose_mode, fingerprint
+from .cache import STORED_DTYPES, TeacherCache, choose_mode, fingerprint
 from .config import RunConfig
 from .data.base import ImageDataset
 from .data.transforms import DENSE_KINDS, ViewBatch, model_input
@@ -112,10 +112,11 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
         return None
     assert step.plan is not None
     views = step.plan.views
-    probe = next(iter(DataLoader(UnlabeledView(local, views), batch_size=8)))
-    outputs, features = step.run_teachers(step.plan.batch(probe).to(device))
-    per_sample = sum(v.numel() * v.element_size() for d in (*outputs, *features)
-                     for v in d.values()) / len(probe)
+    probe = step.plan.batch(next(iter(DataLoader(UnlabeledView(local, views), batch_size=8))))
+    outputs, features = step.run_teachers(probe.to(device))
+    stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
+    per_sample = sum(v.numel() * (stored.itemsize if v.is_floating_point() else v.element_size())
+                     for d in (*outputs, *features) for v in d.values()) / len(probe)
     estimate = int(per_sample * len(local))  # type: ignore[arg-type]
     mode = choose_mode(requested, transfer.augmented, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
@@ -125,9 +126,9 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     if distributed.world_size() > 1:
         folder = folder / f"process{distributed.rank()}"
         shard = f"shard {distributed.rank()}/{distributed.world_size()} seed {cfg.train.seed}"
-    cache = TeacherCache(mode, folder)
+    cache = TeacherCache(mode, folder, stored)
     key = fingerprint(step.teachers, step.teacher_layers, local, cfg.data.transfer.model_dump_json()
-                      + shard + f" outputs at {tuple(step.student.input_spec.size)}")
+                      + shard + f" outputs at {tuple(step.student.input_spec.size)} as {stored}")
     cache.build(UnlabeledView(local, views),
                 lambda x: step.run_teachers(step.plan.batch(x).to(device)),  # type: ignore[union-attr]
                 cfg.train.batch_size, key)
