@@ -314,6 +314,14 @@ def _kd_ensemble_naive(data: dict[str, Any]) -> str:
     return pct(first(data, "kd")["ensemble_naive"])
 
 
+@region("kd-ensemble-oracle-top1")
+def _kd_ensemble_oracle(data: dict[str, Any]) -> str:
+    run = first(data, "kd")
+    if "ensemble_oracle" not in run:
+        raise Missing(f"{QUALITY_CMD} --only kd")
+    return pct(run["ensemble_oracle"])
+
+
 @region("kd-naive-top1")
 def _kd_naive(data: dict[str, Any]) -> str:
     return pct(variant(data, "kd", "naive")["runs"][0]["student"])

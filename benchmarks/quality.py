@@ -165,7 +165,7 @@ def run_once(config: Path, out: Path, overrides: list[str], seed: int) -> dict[s
                            "student_metrics": report["student"]["metrics"],
                            "teachers": {t["name"]: {"metrics": t["metrics"], "params": t["params"]}
                                         for t in report["teachers"]}}
-    for key in ("ensemble", "ensemble_naive", "ensemble_standardize"):
+    for key in ("ensemble", "ensemble_naive", "ensemble_standardize", "ensemble_oracle"):
         if key in report:
             run[key] = _only_metric(report[key]["metrics"], "top1")
     top1 = _only_metric(report["student"]["metrics"], "top1")
