@@ -144,3 +144,20 @@ def test_same_architecture_timm_teachers_with_layerwise_and_recombination(tmp_pa
         assert result.returncode == 0, result.stderr[-2000:]
         student = load_model(tmp_path / algorithm / "student")
         assert student.tasks[0].classes == [str(d) for d in range(10)]
+
+
+def test_a_students_recorded_teacher_loads_again_with_its_class_selection(tmp_path):
+    """kamal evaluate --teachers reloads the teachers from the student's provenance (JSON):
+    format and classes come back as the run used them."""
+    import json
+
+    from kamal.model_eval import recorded_teacher
+
+    _timm_repo(tmp_path / "repo")
+    ref = TeacherRef(name="pets", path=str(tmp_path / "repo"), classes={3: "cat", 5: "dog"})
+    teacher = resolve_teacher(ref, tmp_path, 0)
+    entry = json.loads(json.dumps({"name": teacher.name, **teacher.source}))  # as config.json
+    again = resolve_teacher(recorded_teacher(entry), tmp_path, 0)
+    assert again.source["format"] == "timm" and again.tasks[0].classes == ["cat", "dog"]
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(again(x)["pets"], teacher(x)["pets"])

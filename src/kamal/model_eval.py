@@ -48,11 +48,8 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
         recorded = (config.get("amalgamation") or {}).get("teachers") or []
         if not recorded:
             raise KamalError(f"{folder} records no teachers (it was not made by kamal amalgamate)")
-        teachers = []
-        for i, entry in enumerate(recorded):
-            ref = TeacherRef(name=entry["name"], path=entry.get("path"), hub=entry.get("hub"),
-                             revision=entry.get("revision"))
-            teachers.append(resolve_teacher(ref, Path.cwd(), i).to(device))
+        teachers = [resolve_teacher(recorded_teacher(entry), Path.cwd(), i).to(device)
+                    for i, entry in enumerate(recorded)]
         result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
         merger = LogitMerger(teachers, model.tasks)
         if merger.targets:  # classification tasks only; dense teachers are listed alone
@@ -64,3 +61,11 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
                                                       merger.targets, dataset, device,
                                                       views=plan.views)}
     return result
+
+
+def recorded_teacher(entry: dict[str, Any]) -> TeacherRef:
+    """The reference that loads a teacher as a student's provenance records it: the same
+    repo at the same revision, format and class selection."""
+    return TeacherRef(name=entry["name"], path=entry.get("path"), hub=entry.get("hub"),
+                      revision=entry.get("revision"), format=entry.get("format"),
+                      classes=entry.get("classes"))

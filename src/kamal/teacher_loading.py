@@ -38,6 +38,8 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
             folder = (base_dir / ref.path).resolve() if ref.path else base_dir
             source = {"path": str(folder)}
         model, fmt = load_repo(folder, ref.display_name, ref.classes, ref.format, key)
+        if ref.classes is not None:  # recorded, so the student's teachers load again as used
+            source["classes"] = ref.classes
         return Teacher(ref.display_name, model,
                        {**source, "format": fmt, "sha256": weights_digest(folder)})
     except KamalError as exc:
