@@ -24,6 +24,7 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +42,15 @@ def train(model: nn.Module, loader: DataLoader, loss_of: Callable[[nn.Module, Te
     """Adam with a cosine schedule over ``epochs`` of ``loader`` (``epochs=0``: two steps,
     for tests)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches: DataLoader | list[Any] = loader
     if epochs == 0:
-        loader, epochs = [next(iter(loader))] * 2, 1  # type: ignore[assignment]
-    steps = max(1, epochs * len(loader))
+        batches, epochs = [next(iter(loader))] * 2, 1
+    steps = max(1, epochs * len(batches))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     model.train()
     for _ in range(epochs):
-        for images, targets in loader:
+        for images, targets in batches:
             loss = loss_of(model, images, targets)
             optimizer.zero_grad()
             loss.backward()

@@ -226,9 +226,10 @@ class Trainer:
             if seed is not None:
                 torch.manual_seed(seed)
             images = [image(i) for i in indices]
-        if images and isinstance(images[0], ViewBatch):
-            return ViewBatch.stack(images)  # type: ignore[arg-type]
-        return torch.stack(images)  # type: ignore[arg-type]
+        views = [x for x in images if isinstance(x, ViewBatch)]
+        if views:
+            return ViewBatch.stack(views)
+        return torch.stack([x for x in images if isinstance(x, Tensor)])
 
     def fit(self, stage: str = "main", epochs: int | None = None,
             parameters: Iterable[nn.Parameter] | None = None, lr: float | None = None) -> None:

@@ -23,12 +23,15 @@ Predict = Callable[[Any], dict[str, Tensor]]
 @torch.no_grad()
 def evaluate(predict: Predict, tasks: Sequence[Task], dataset: ImageDataset,
              device: torch.device, batch_size: int = 256,
-             views: Sequence[ImageView] | None = None) -> dict[str, dict[str, float]]:
+             views: Sequence[ImageView] | None = None,
+             with_targets: bool = False) -> dict[str, dict[str, float]]:
     """``{task: metrics}`` of ``predict`` on ``dataset`` (labels mapped into each task).
 
     With ``views``, ``predict`` reads the images through them: one view gives a tensor,
     several a :class:`~kamal.data.transforms.ViewBatch` (models pick their own view).
-    Dense outputs are compared with the labels at the labels' size.
+    Dense outputs are compared with the labels at the labels' size. ``with_targets`` calls
+    ``predict(images, targets)`` (a reference that may read the labels, as the report's
+    oracle gate does).
     """
     meters = {task.name: task.new_meter() for task in tasks}
     several = views is not None and len(views) > 1
@@ -37,7 +40,8 @@ def evaluate(predict: Predict, tasks: Sequence[Task], dataset: ImageDataset,
         if several:
             assert views is not None
             images = ViewBatch(dict(zip(views, images, strict=True)))
-        outputs = predict(images.to(device))
+        images = images.to(device)
+        outputs = predict(images, targets) if with_targets else predict(images)
         for task in tasks:
             mapped = task.map_targets(dataset.classes, targets)
             meters[task.name].update(outputs[task.name].float().cpu(), mapped)

@@ -9,12 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from .amalgamator import Amalgamator
 from .data.base import ImageDataset
 from .data.transforms import ViewBatch
-from .data.views import LabelledView, ViewPlan
+from .data.views import ViewPlan
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .interfaces import Student, Teacher
 from .merging import LogitMerger, oracle_merge
@@ -69,27 +68,23 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
                                eval_data, device, views=plan.views)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}
-        merger = LogitMerger(teachers, student.tasks)  # type: ignore[arg-type]
-        if merger.targets:
+        else:  # both merges measured: the same sources give the ceiling
             report["ensemble_oracle"] = {"merge": "oracle gate", "metrics": oracle_metrics(
                 teachers, merger, eval_data, device, plan)}
     return report
 
 
-@torch.no_grad()
 def oracle_metrics(teachers: list[Teacher], merger: LogitMerger, data: ImageDataset,
-                   device: torch.device, plan: ViewPlan,
-                   batch_size: int = 256) -> dict[str, dict[str, float]]:
+                   device: torch.device, plan: ViewPlan) -> dict[str, dict[str, float]]:
     """The teachers' ensemble with a perfect gate (:func:`~kamal.merging.oracle_merge`):
     how much of the gap to a supervised model is gating, not the student."""
-    meters = {task.name: task.new_meter() for task in merger.targets}
-    for images, targets in DataLoader(LabelledView(data, plan.views), batch_size=batch_size):
-        outputs = [t(plan.batch(images).to(device)) for t in teachers]
-        for task in merger.targets:
-            labels = task.map_targets(data.classes, targets).to(device)
-            merged = oracle_merge(task, merger.sources[task.name], outputs, labels)
-            meters[task.name].update(merged.float().cpu(), labels.cpu())
-    return {name: meter.compute() for name, meter in meters.items()}
+    def predict(images: Tensor | ViewBatch, targets: Any) -> dict[str, Tensor]:
+        outputs = [t(images) for t in teachers]
+        return {task.name: oracle_merge(task, merger.sources[task.name], outputs,
+                                        task.map_targets(data.classes, targets).to(device))
+                for task in merger.targets}
+
+    return evaluate(predict, merger.targets, data, device, views=plan.views, with_targets=True)
 
 
 def shared_classes(teachers: list[Teacher]) -> dict[str, list[str]]:

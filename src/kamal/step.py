@@ -129,8 +129,8 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     cache = TeacherCache(mode, folder, stored)
     key = fingerprint(step.teachers, step.teacher_layers, local, cfg.data.transfer.model_dump_json()
                       + shard + f" outputs at {tuple(step.student.input_spec.size)} as {stored}")
-    cache.build(UnlabeledView(local, views),
-                lambda x: step.run_teachers(step.plan.batch(x).to(device)),  # type: ignore[union-attr]
+    plan = step.plan
+    cache.build(UnlabeledView(local, views), lambda x: step.run_teachers(plan.batch(x).to(device)),
                 cfg.train.batch_size, key)
     return cache
 
