@@ -87,6 +87,12 @@ class Amalgamator(ABC):
         """Layers of the teachers and the student that :meth:`losses` needs."""
         return FeatureRequest()
 
+    def student_images(self, images: Tensor, step: int) -> Tensor:
+        """The images the student reads at global step ``step`` (its view of the batch);
+        the default leaves them as they are. An algorithm may resize them, e.g. to train
+        the student at several resolutions while the teachers keep their own."""
+        return images
+
     @abstractmethod
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """Named scalar losses for one batch; the engine sums them (already weighted)."""
@@ -98,6 +104,11 @@ class Amalgamator(ABC):
     def describe(self) -> dict[str, Any]:
         """Algorithm name and hyperparameters, for the report and the model card."""
         return self.config.model_dump()
+
+    def measurements(self) -> dict[str, Any]:
+        """What the algorithm measured during the run (JSON values), kept in report.json
+        under ``measurements``; the default has none."""
+        return {}
 
 
 def algorithms_with(flag: str) -> list[str]:

@@ -211,6 +211,8 @@ class ModelSpec(_Strict):
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                 description="Options of the architecture.")
     task: str = Field(description="Name of the task (its classes come from the training data).")
+    classes: list[str] | None = Field(None, description="Train on these of the data's classes "
+                                      "only (labels of the others are ignored); default: all.")
     task_kind: str = Field("classification", description="Registered task kind: "
                            "classification, segmentation, depth, or one a plugin adds.")
     mean: list[float] = Field(default_factory=lambda: [0.5],

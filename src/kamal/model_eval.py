@@ -21,6 +21,7 @@ from .engine import resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .merging import LogitMerger
+from .models.base import merged_only
 from .progress import track
 from .repo import load_model
 from .run_folder import model_folder
@@ -51,7 +52,7 @@ def evaluate_repo(model_dir: str | Path, data: str, options: dict[str, Any] | No
         teachers = [resolve_teacher(recorded_teacher(entry), Path.cwd(), i).to(device)
                     for i, entry in enumerate(recorded)]
         result["teachers"] = [reporting.teacher_entry(t, dataset, device) for t in teachers]
-        merger = LogitMerger(teachers, model.tasks)
+        merger = LogitMerger(teachers, merged_only(model.tasks, teachers))
         if merger.targets:  # classification tasks only; dense teachers are listed alone
             plan = ViewPlan.of(model.input_spec, [t.input_spec for t in teachers])
             batches = track(image_batches(dataset, 256, plan), "calibrating the teachers",

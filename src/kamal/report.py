@@ -17,6 +17,7 @@ from .data.views import ViewPlan
 from .evaluation import count_parameters, cpu_latency_ms, evaluate
 from .interfaces import Student, Teacher
 from .merging import LogitMerger, oracle_merge
+from .models.base import merged_only
 
 
 def model_entry(model: Student, data: ImageDataset | None, device: torch.device,
@@ -56,10 +57,13 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         "teachers": [teacher_entry(t, eval_data, device) for t in teachers],
         "shared_classes": shared_classes(teachers),
     }
+    if measured := algorithm.measurements():
+        report["measurements"] = measured
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     if eval_data is not None:
         for mode in ("standardize", "naive"):
-            merger = LogitMerger(teachers, student.tasks, mode).to(device)  # type: ignore[arg-type]
+            merger = LogitMerger(teachers, merged_only(student.tasks, teachers),  # type: ignore[arg-type]
+                                 mode).to(device)
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
             if mode != "naive":  # the naive merge has nothing to measure

@@ -42,7 +42,7 @@ from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
 from .loggers import RunLoggers
-from .models.base import check_class_names, student_input_spec
+from .models.base import check_class_names, merged_only, student_input_spec
 from .plugins import get_registry
 from .progress import set_enabled as show_progress
 from .progress import track
@@ -108,8 +108,9 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     student = amalgamator.build_student().to(device)
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     check_views(plan, teachers, cls.name, cls.mixed_views, lambda: algorithms_with("mixed_views"))
-    if eval_data is not None:
-        check_label_names(eval_data, student.tasks, "the student", "data.eval", every_class=True)
+    if eval_data is not None:  # a merged task must know every class; a teacher's own task not
+        check_label_names(eval_data, merged_only(student.tasks, teachers), "the student",
+                          "data.eval", every_class=True)
     for teacher in teachers:
         teacher.to(device)
     resolved = resolved_config(cfg, teachers, student, base_dir)

@@ -77,9 +77,10 @@ class AmalgamationStep:
             views = self.plan.batch(data)
             teacher_outputs, teacher_features = self.run_teachers(views)
             images = model_input(self.student, views)
+        info = info or StepInfo("main", 0, 0)
+        images = self.amalgamator.student_images(images, info.step)
         with FeatureTap(self.student.features, self.student_layers, "student") as tap:
             student_outputs = self.student(images)
-        info = info or StepInfo("main", 0, 0)
         return Batch(images, teacher_outputs, student_outputs, teacher_features, tap.features,
                      epoch=info.epoch, step=info.step)
 

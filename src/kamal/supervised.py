@@ -51,7 +51,7 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
     seed_everything(cfg.train.seed)
     train_data = dataset_from_ref(cfg.data.train, "data.train")
     eval_data = dataset_from_ref(cfg.data.eval, "data.eval") if cfg.data.eval else None
-    task = _train_task(cfg.model.task, cfg.model.task_kind, train_data)
+    task = _train_task(cfg.model.task, cfg.model.task_kind, train_data, cfg.model.classes)
     spec = InputSpec(train_data.channels, tuple(train_data.size), tuple(cfg.model.mean),
                      tuple(cfg.model.std))
     try:
@@ -106,8 +106,10 @@ def _report(out: Path, model: KamalModel, eval_data: ImageDataset | None, device
     return report
 
 
-def _train_task(name: str, kind: str, data: ImageDataset) -> Task:
-    """The task ``kamal train`` fits: ``kind`` from the registry, classes from the data."""
+def _train_task(name: str, kind: str, data: ImageDataset,
+                classes: list[str] | None = None) -> Task:
+    """The task ``kamal train`` fits: ``kind`` from the registry, classes from the data
+    (``classes``: a subset of them)."""
     try:
         task_cls = get_registry().get("tasks", kind)
     except RegistryError as exc:
@@ -115,6 +117,12 @@ def _train_task(name: str, kind: str, data: ImageDataset) -> Task:
     described: dict[str, Any] = {"name": name, "kind": kind}
     if data.classes:
         described["classes"] = list(data.classes)
+    if classes is not None:
+        unknown = [c for c in classes if c not in (data.classes or [])]
+        if unknown or not classes:
+            raise ConfigError(f"model.classes: {unknown or 'empty'} not among the training "
+                              f"data's classes ({', '.join(data.classes or []) or 'none'})")
+        described["classes"] = list(classes)
     try:
         return task_cls.from_dict(described)
     except (KamalError, KeyError) as exc:

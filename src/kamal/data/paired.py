@@ -2,7 +2,8 @@
 
 Items are ``(image, targets)``: ``image`` a (3, H, W) float tensor in [0, 1], ``targets`` a
 dict with ``"segmentation"`` (H, W) long class indices (-1 = ignore) and/or ``"depth"``
-(1, H, W) float depth (<= 0 = no measurement). The default DataLoader collates the dict,
+(1, H, W) float depth (<= 0 = no measurement), and optionally ``"classification"``, one
+class index per image. The default DataLoader collates the dict,
 and each dense task picks its own entry.
 
 :class:`PairedTransform` crops and flips an image and its targets identically.
@@ -88,13 +89,15 @@ class PairedDataset(ImageDataset):
 
     ``images`` (N, 3, H, W) uint8 or float in [0, 1]; ``masks`` (N, H, W) integer class
     indices (-1 ignore) or None; ``depths`` (N, 1, H, W) float or None; ``classes`` names the
-    mask indices.
+    mask indices; ``labels`` (N,), optional, one index into ``classes`` per image (-1: none),
+    given as the ``classification`` target (unchanged by the paired crops and flips).
     """
 
     labelled = True  # dense targets (masks and/or depth) even without class names
 
     def __init__(self, images: Tensor, masks: Tensor | None, depths: Tensor | None,
-                 classes: Sequence[str] | None, transform: PairedTransform | None = None) -> None:
+                 classes: Sequence[str] | None, transform: PairedTransform | None = None,
+                 labels: Tensor | None = None) -> None:
         if masks is None and depths is None:
             raise ValueError("a paired dataset needs masks, depth maps or both")
         if images.dtype != torch.uint8:
@@ -102,6 +105,7 @@ class PairedDataset(ImageDataset):
         self.images = images.contiguous()
         self.masks = None if masks is None else masks.to(torch.int16).contiguous()
         self.depths = None if depths is None else depths.float().contiguous()
+        self.labels = None if labels is None else labels.long().contiguous()
         self.classes = None if classes is None else [str(c) for c in classes]
         self.channels = int(images.shape[1])
         self.size = (int(images.shape[2]), int(images.shape[3]))
@@ -120,6 +124,8 @@ class PairedDataset(ImageDataset):
             targets["depth"] = self.depths[index]
         if self.transform is not None:
             image, targets = self.transform(image, targets)
+        if self.labels is not None:
+            targets["classification"] = self.labels[index]
         return image, targets
 
 

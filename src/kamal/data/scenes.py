@@ -127,8 +127,10 @@ def build_scenes(split: str | None = "train", size: int = 64, count: int | None 
                  seed: int = 0, augment: bool = False) -> PairedDataset:
     """``count`` scenes of ``split`` (train, transfer, test) at ``size`` x ``size`` pixels.
 
-    Targets are ``{"segmentation": mask, "depth": depth}``; classes are
-    wall, floor, circle, square, triangle. ``augment`` adds paired random crops and flips.
+    Targets are ``{"segmentation": mask, "depth": depth, "classification": shape}``;
+    classes are wall, floor, circle, square, triangle. ``shape`` is the scene's dominant
+    object: the shape (circle, square or triangle) that shows on the most pixels (-1 when no
+    object shows). ``augment`` adds paired random crops and flips.
     """
     split = split or "train"
     if split not in SPLITS:
@@ -143,4 +145,13 @@ def build_scenes(split: str | None = "train", size: int = 64, count: int | None 
     masks = torch.from_numpy(np.stack([r[1] for r in rendered]))
     depths = torch.from_numpy(np.stack([r[2] for r in rendered]).astype(np.float32))[:, None]
     return PairedDataset(images, masks, depths, CLASSES,
-                         PairedTransform() if augment else None)
+                         PairedTransform() if augment else None, dominant_shapes(masks))
+
+
+def dominant_shapes(masks: torch.Tensor) -> torch.Tensor:
+    """Per mask (N, H, W): the object class (index into ``CLASSES``) covering the most
+    pixels, ties to the lower index; -1 where no object shows."""
+    objects = torch.arange(2, len(CLASSES))
+    counts = (masks[:, None] == objects[:, None, None]).flatten(2).sum(-1)  # (N, objects)
+    best = counts.argmax(1)
+    return torch.where(counts.max(1).values > 0, objects[best], -1)

@@ -171,6 +171,13 @@ def merge_tasks(teachers: Sequence[Teacher], task_names: dict[str, str] | None =
     return merged
 
 
+def merged_only(tasks: Sequence[Task], teachers: Sequence[Teacher]) -> list[Task]:
+    """The student ``tasks`` that merge teachers' tasks: a task that is exactly one teacher's
+    own (an algorithm that keeps each teacher's head, such as agglomerate) merges nothing."""
+    own = [task.to_dict() for teacher in teachers for task in teacher.tasks]
+    return [task for task in tasks if task.to_dict() not in own]
+
+
 def check_class_names(teachers: Sequence[Teacher]) -> None:
     """Refuse to merge a teacher whose class names were guessed (output indices) with other
     teachers of the same task kind: equal made-up names would average unrelated outputs."""

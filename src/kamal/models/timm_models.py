@@ -58,7 +58,9 @@ class TimmClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        return out if head_removed(self) else out[:, self.class_indices]
+        if head_removed(self) or self.class_indices == list(range(out.shape[1])):
+            return out  # the head's own output: no copy, and a head others can find
+        return out[:, self.class_indices]
 
 
 TIMM = Architecture(TimmClassifier, (), head=None, description="any timm model (kamal-core[timm])")

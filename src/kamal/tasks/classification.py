@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 import torch
@@ -11,6 +11,18 @@ from torch import Tensor
 
 from ..errors import KamalError, ModelRepoError
 from ..interfaces import Meter, Task
+
+
+def pick_target(task: Task, targets: Any) -> Any:
+    """The entry of a (batched) dict target that belongs to ``task``: by name, then by kind."""
+    if not isinstance(targets, Mapping):
+        return targets
+    for key in (task.name, task.kind):
+        if key in targets:
+            return targets[key]
+    raise KamalError(f"the data has no '{task.kind}' targets for task '{task.name}' (its "
+                     f"targets are: {', '.join(map(str, targets)) or 'none'}); evaluate it on "
+                     f"data with {task.kind} labels")
 
 
 class AccuracyMeter(Meter):
@@ -128,8 +140,12 @@ class ClassificationTask(NamedClassesTask):
     def new_meter(self) -> AccuracyMeter:
         return AccuracyMeter(self.num_outputs)
 
-    def map_targets(self, dataset_classes: Sequence[str] | None, targets: Tensor) -> Tensor:
-        """Dataset label indices -> this task's indices; classes outside the task become -1."""
+    def map_targets(self, dataset_classes: Sequence[str] | None, targets: Any) -> Tensor:
+        """Dataset label indices -> this task's indices; classes outside the task become -1.
+
+        Dict targets (a dataset with several kinds of label) give their ``classification``
+        entry."""
+        targets = torch.as_tensor(pick_target(self, targets))
         if dataset_classes is None:
             return targets
         # -1 (unlabeled) maps to the trailing -1

@@ -9,7 +9,7 @@ measurement" (the holes of a Kinect depth map).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,22 +18,10 @@ from torch import Tensor
 
 from ..errors import KamalError, ModelRepoError
 from ..interfaces import Meter, Task
-from .classification import NamedClassesTask
+from .classification import NamedClassesTask, pick_target
 
 IGNORE = -1
 DepthLoss = Literal["l1", "berhu"]
-
-
-def pick_target(task: Task, targets: Any) -> Any:
-    """The entry of a (batched) dict target that belongs to ``task``: by name, then by kind."""
-    if not isinstance(targets, Mapping):
-        return targets
-    for key in (task.name, task.kind):
-        if key in targets:
-            return targets[key]
-    raise KamalError(f"the data has no '{task.kind}' targets for task '{task.name}' (its "
-                     f"targets are: {', '.join(map(str, targets)) or 'none'}); evaluate it on "
-                     f"data with {task.kind} labels")
 
 
 def _match_size(output: Tensor, size: Sequence[int]) -> Tensor:
