@@ -193,6 +193,8 @@ RENDERERS["startup"] = _stored("startup", "startup.py")
 RENDERERS["data_path"] = _stored("data_path", "data_path.py")
 RENDERERS["hub_formats"] = _stored("hub_formats", "hub_formats.py")
 RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
+RENDERERS["agglomerate"] = _stored("agglomerate", "agglomerate.py")
+RENDERERS["agglomerate-tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 
 def _seeds(runs: list[dict[str, Any]], key: str = "student") -> str:

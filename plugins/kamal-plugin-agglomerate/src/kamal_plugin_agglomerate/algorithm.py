@@ -100,6 +100,7 @@ class AgglomerateAmalgamator(Amalgamator):
         self.shares: dict[str, dict[str, float]] = {}
         self.sweep: dict[str, dict[str, float]] = {}
         self.steps_trained = 0
+        self.measured_on = ""
 
     # --- the student ------------------------------------------------------------------
 
@@ -159,7 +160,27 @@ class AgglomerateAmalgamator(Amalgamator):
         student = KamalModel("agglomerated", tasks, input_spec, kwargs)
         for head, teachers_head in zip(student.features.heads, modules, strict=True):
             head.load_state_dict(teachers_head.state_dict())
+        if self.config.init:
+            self._init_backbone(student.features)
         return student
+
+    def _init_backbone(self, net: AgglomeratedNet) -> None:
+        """Copy ``init``'s teacher weights into the backbone (equal names and shapes)."""
+        names = [t.name for t in self.teachers]
+        if self.config.init not in names:
+            raise ConfigError(f"algorithm.init: no teacher named '{self.config.init}'; the "
+                              f"teachers are: {', '.join(names)}")
+        teacher = self.teachers[names.index(self.config.init)]
+        spec, model = self.student_spec, teacher.model
+        if (getattr(model, "architecture", None) != spec.architecture
+                or getattr(model, "architecture_kwargs", None) != spec.architecture_kwargs):
+            raise ConfigError(f"algorithm.init: teacher '{teacher.name}' is not a "
+                              f"'{spec.architecture}' with options {spec.architecture_kwargs}, "
+                              "so its weights do not fit the student's backbone")
+        source = model.features.state_dict()
+        state = net.backbone.state_dict()
+        copied = {k: v for k, v in source.items() if k in state and state[k].shape == v.shape}
+        net.backbone.load_state_dict({**state, **copied})
 
     def _backbone_config(self, input_spec) -> dict[str, Any]:
         """The backbone's architecture, tapped layers and their widths (by a probe)."""
@@ -273,21 +294,67 @@ class AgglomerateAmalgamator(Amalgamator):
                 continue
             target = self._normalised(k, batch.teacher_features[i][layer])
             losses[name] = self._loss(k, batch.student_features[f"adaptors.{k}"], target)
+        if self.config.output_weight > 0:
+            losses.update(self._output_losses(batch, kept))
+        return losses
+
+    def _output_losses(self, batch: Batch, kept: set[int]) -> dict[str, Tensor]:
+        """Each transplanted head's output against its teacher's, by the task's own
+        distillation loss (the heads are frozen: the gradient reaches adaptors and backbone)."""
+        losses = {}
+        for config in self.net.head_configs:
+            i = self.targets[config["target"]][0]
+            if i not in kept:
+                continue
+            task = next(t for t in self.teachers[i].tasks if t.name == config["task"])
+            teacher = batch.teacher_outputs[i][task.name]
+            student = batch.student_outputs[task.name]
+            if teacher.dim() == 4:
+                student = task.resize_output(student, teacher.shape[-2:])
+            losses[f"{self.teachers[i].name}/output"] = (
+                self.config.output_weight * task.distill_loss(student, teacher))
         return losses
 
     def amalgamate(self, trainer: Trainer) -> None:
-        """Train; then measure the gradient shares again and the resolution sweep."""
+        """Train on all but the held-out images; then measure the gradient shares again and
+        the resolution sweep on the held-out ones, and draw demo.png."""
+        held = self._hold_out(trainer)
         trainer.fit()
         self.steps_trained = trainer.global_step
         device = next(self.net.parameters()).device
-        self.shares["end"] = self.gradient_shares(self.kept[:_SHARE_IMAGES].to(device))
-        self.sweep = self.resolution_sweep(self.kept.to(device))
+        images = held if held is not None else self.kept
+        self.measured_on = ("held-out transfer images" if held is not None
+                            else "transfer images the student trained on")
+        self.shares["end"] = self.gradient_shares(images[:_SHARE_IMAGES].to(device))
+        self.sweep = self.resolution_sweep(images.to(device))
         if is_main_process():
-            path = Path(trainer.output_dir) / REPORT_NAME
-            path.write_text(json.dumps(self.measurements(), indent=2) + "\n")
+            out = Path(trainer.output_dir)
+            (out / REPORT_NAME).write_text(json.dumps(self.measurements(), indent=2) + "\n")
+            if self.config.demo_images:
+                from .demo import write_demo
+
+                write_demo(out / "demo.png", images[:self.config.demo_images], self.teachers,
+                           self.student, device, log=trainer.log_figure)
+
+    def _hold_out(self, trainer: Trainer) -> Tensor | ViewBatch | None:
+        """Hold ``holdout_images`` transfer images out of training (drawn from the seed, so a
+        resumed run holds out the same); None when there are too few, or when the training
+        samples do not carry the teachers' views (a teacher cache keeps the student's only)."""
+        count, seed = trainer.num_samples, trainer.cfg.seed
+        n = self.config.holdout_images
+        if n == 0 or count < 4 * n:
+            return None
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919))
+        index = sorted(order[:n].tolist())
+        held = trainer.images(index, seed=seed)
+        if isinstance(held, ViewBatch) != isinstance(self.kept, ViewBatch):
+            return None
+        trainer.hold_out(index)
+        return held
 
     def measurements(self) -> dict[str, Any]:
         return {"gradient_share": self.shares, "resolution_sweep": self.sweep,
+                "measured_on": self.measured_on,
                 "teacher_drop": self._drop_counts(),
                 "features_only": self.head_reasons}
 
@@ -373,9 +440,15 @@ class AgglomerateAmalgamator(Amalgamator):
         if self.targets[k][1] == SUMMARY:
             return cfg.summary_weight * (1 - F.cosine_similarity(prediction, target, dim=1)).mean()
         prediction = resize_map(prediction, tuple(target.shape[-2:]))
-        cosine = (1 - F.cosine_similarity(prediction, target, dim=1)).mean()
-        smooth = F.smooth_l1_loss(prediction, target)
-        return cfg.spatial_weight * (cfg.spatial_cosine * cosine + cfg.spatial_smooth_l1 * smooth)
+        loss = prediction.new_zeros(())
+        if cfg.spatial_cosine:
+            loss = loss + cfg.spatial_cosine * (1 - F.cosine_similarity(prediction, target,
+                                                                        dim=1)).mean()
+        if cfg.spatial_smooth_l1:
+            loss = loss + cfg.spatial_smooth_l1 * F.smooth_l1_loss(prediction, target)
+        if cfg.spatial_mse:
+            loss = loss + cfg.spatial_mse * F.mse_loss(prediction, target)
+        return cfg.spatial_weight * loss
 
     def _kept_teachers(self, step: int) -> set[int]:
         """Teachers whose losses count at ``step`` (UNIC's teacher dropping): drawn from the

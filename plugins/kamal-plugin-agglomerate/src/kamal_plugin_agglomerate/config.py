@@ -40,11 +40,21 @@ class AgglomerateConfig(AmalgamatorConfig):
     teacher_layers: list[TeacherLayers] | None = Field(
         None, description="Per teacher, the layers to distil: [{summary: ..., spatial: ...}]. "
         "Default: chosen from each teacher (see above).")
+    init: str | None = Field(
+        None, description="Start the student's backbone from this teacher's weights (by its "
+        "name; its network must be the backbone's architecture with the same options): every "
+        "tensor of equal name and shape is copied. Default: random initialisation.")
     summary_weight: float = Field(1.0, ge=0, description="Weight of the summary loss (cosine).")
     spatial_weight: float = Field(1.0, ge=0, description="Weight of the spatial loss.")
     spatial_cosine: float = Field(0.9, ge=0, description="Spatial loss = this x (1 - cosine) "
                                   "per position + spatial_smooth_l1 x smooth-L1 (RADIO: 0.9).")
     spatial_smooth_l1: float = Field(0.1, ge=0, description="See spatial_cosine (RADIO: 0.1).")
+    spatial_mse: float = Field(0.0, ge=0, description="Adds this x the mean squared error per "
+                               "position to the spatial loss (PHI-S's setting: MSE alone).")
+    output_weight: float = Field(
+        1.0, ge=0, description="Weight of distilling each transplanted head's output (the "
+        "teacher's own task loss, e.g. KL for classes, L1 in log depth) through the frozen head "
+        "on the student's adapted features; 0 distils features only, as RADIO does.")
     balance: Balance = Field("phi-s", description="Teacher balancing, estimated once on the "
                              "transfer data: none, standardize (per channel) or phi-s "
                              "(Hadamard-rotated whitening with one scale; Ranzinger et al. 2024).")
@@ -59,6 +69,10 @@ class AgglomerateConfig(AmalgamatorConfig):
                                 "one teacher is kept).")
     adaptor_hidden: int = Field(256, ge=1, description="Hidden width of each adaptor MLP.")
     adaptor_depth: int = Field(2, ge=0, description="Residual blocks per adaptor MLP.")
+    holdout_images: int = Field(64, ge=0, description="Transfer images held out of training: "
+                                "the end-of-run gradient shares, resolution sweep and demo.png "
+                                "are measured on them.")
+    demo_images: int = Field(6, ge=0, description="Held-out images shown in demo.png (0: none).")
     calibration_images: int = Field(512, ge=16, description="Transfer images the balancing "
                                     "statistics, gradient shares and sweep are measured on.")
 
