@@ -194,6 +194,7 @@ RENDERERS["data_path"] = _stored("data_path", "data_path.py")
 RENDERERS["hub_formats"] = _stored("hub_formats", "hub_formats.py")
 RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
 RENDERERS["agglomerate"] = _stored("agglomerate", "agglomerate.py")
+RENDERERS["gating"] = _stored("gating", "gating.py")
 RENDERERS["agglomerate-tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 

@@ -134,3 +134,24 @@ def test_train_configs_refuse_teacher_only_keys(tmp_path):
     path.write_text(yaml.safe_dump(data))
     output = _fail("train", str(path), "-o", str(tmp_path / "out"))
     assert "train.teacher_cache: unknown key" in output
+
+
+def test_train_on_a_subset_of_the_datas_classes(tmp_path):
+    data = yaml.safe_load((EXAMPLES / "digits" / "supervised.yaml").read_text())
+    data["model"]["classes"] = ["0", "1", "seven"]
+    path = tmp_path / "supervised.yaml"
+    path.write_text(yaml.safe_dump(data))
+    output = _fail("train", str(path), "-o", str(tmp_path / "out"))
+    assert "model.classes: ['seven'] not among the training data's classes (0, 1, 2" in output
+    import kamal
+
+    data["model"]["classes"] = ["0", "1", "2"]
+    data["train"].update(epochs=1)
+    path.write_text(yaml.safe_dump(data))
+    report = kamal.train(path, tmp_path / "run", progress=False)
+    model = kamal.load_model(tmp_path / "run" / "model")
+    assert model.tasks[0].classes == ["0", "1", "2"] and model.tasks[0].num_outputs == 3
+    # scored on the test images of its own classes only
+    test = kamal.build_dataset("digits", "test", {"size": 16})
+    own = sum(1 for i in range(len(test)) if int(test[i][1]) in (0, 1, 2))
+    assert report["model"]["metrics"]["digits"]["samples"] == own

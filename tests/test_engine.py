@@ -119,6 +119,24 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     assert leftovers == []
 
 
+def test_a_nan_watched_on_the_device_is_caught_at_the_next_check(tmp_path, tiny_teachers,
+                                                                   exploding_plugin):
+    # the accelerator path (no per-step read), forced on the CPU: the NaN of step 11 is
+    # reported at the logging interval (step 14), and no checkpoint holds its weights
+    config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "exploding",
+                                                                   "explode_at": 10}, epochs=3)
+    with pytest.raises(NonFiniteLossError) as info:
+        amalgamate(config, tmp_path / "run", progress=False,
+                   overrides=["train.check_finite=log-interval", "train.log_every=7"])
+    message = str(info.value)
+    assert "loss 'kd' became non-finite at one of steps 9..13" in message, message
+    assert "train.check_finite: every-step" in message and "--resume" in message
+    state = load_state(tmp_path / "run" / "checkpoints" / "latest.safetensors")
+    assert state["epoch"] == 1 and state["global_step"] == 540 // 64
+    weights = state["modules"]["student"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
 def test_nan_before_any_checkpoint_says_so(tmp_path, tiny_teachers, exploding_plugin):
     config = write_run_config(tmp_path / "x.yaml", tiny_teachers, {"name": "exploding",
                                                                    "explode_at": 0}, epochs=1)

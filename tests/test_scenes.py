@@ -181,3 +181,24 @@ def test_paired_folder_splits_resizing_and_errors(tmp_path):
     (tmp_path / "other" / "classes.txt").write_text("floor\n")
     with pytest.raises(ConfigError, match="but only 1 classes"):
         build_dataset("paired-folder", None, {"root": str(tmp_path / "other")})
+
+
+def test_each_scene_names_its_dominant_shape():
+    data = build_scenes("test", size=32, count=40)
+    counts = torch.stack([(data.masks == c).flatten(1).sum(1) for c in range(len(CLASSES))], 1)
+    for i in range(len(data)):
+        _, targets = data[i]
+        label = int(targets["classification"])
+        shapes = counts[i, 2:]
+        if shapes.max() == 0:
+            assert label == -1
+        else:  # the object class showing on the most pixels
+            assert CLASSES[label] in ("circle", "square", "triangle")
+            assert counts[i, label] == shapes.max()
+    # a classification task reads the entry by kind, mapped to its own classes by name
+    from kamal import ClassificationTask
+
+    task = ClassificationTask("shape", ["circle", "square", "triangle"])
+    _, batch = next(iter(torch.utils.data.DataLoader(data, batch_size=8)))
+    mapped = task.map_targets(data.classes, batch)
+    assert torch.equal(mapped, batch["classification"] - 2)

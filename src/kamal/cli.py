@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -42,6 +43,13 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """kamal: merge several teacher networks into one student, without labels."""
     ctx.obj = {"debug": debug}
+    if not debug:  # a warning is one line for the user, not a source location
+        warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,
+                      **__: object) -> str:
+    return f"kamal: warning: {message}\n"
 
 
 @main.command("list-plugins")

@@ -138,6 +138,12 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seeds initialisation, shuffling and augmentation.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     log_every: int = Field(10, ge=1, description="Log the losses every N steps (to every logger).")
+    check_finite: Literal["auto", "every-step", "log-interval"] = Field(
+        "auto", description="When losses are checked for NaN/inf before the update: every step, "
+        "or at the logging interval with the steps between watched on the device (the loop "
+        "then never waits on an accelerator per step; a NaN step is reported at the next "
+        "check, and no checkpoint is written after it). auto: every step on a CPU, at the "
+        "logging interval on accelerators.")
     loggers: list[str] = Field(default_factory=list, description=(
         "Experiment trackers besides metrics.jsonl (always on): tensorboard "
         "(kamal-core[tensorboard]) or a plugin's, e.g. mlflow. See docs/tracking.md."))

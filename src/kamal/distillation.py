@@ -29,7 +29,8 @@ class KDTermConfig(AmalgamatorConfig):
     merge: MergeMode = Field(
         "standardize", description="How teacher logits are merged into the KD target: "
         "'standardize' weighs each teacher by its confidence z-scored on the transfer data "
-        "(see kamal.merging); 'naive' concatenates raw logits as KamalEngine did.")
+        "(see kamal.merging); 'energy' by its free energy (logsumexp of its logits) z-scored "
+        "alike; 'naive' concatenates raw logits as KamalEngine did.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term (0 switches it off).")
 
 

@@ -133,6 +133,7 @@ class Trainer:
     output_dir: Path
     device: torch.device
     cfg: TrainConfig
+    global_step: int  # optimiser steps taken so far (all stages); the next step's number
 
     def __init__(self, *, modules: dict[str, nn.Module], dataset: Dataset, step_fn: StepFn,
                  cfg: TrainConfig, output_dir: str | Path, device: torch.device,
@@ -160,6 +161,7 @@ class Trainer:
         self.objective = objective
         self.progress = EpochProgress(progress)
         self.global_step = 0
+        self._watch = _FiniteWatch()
         self.completed_stages: list[str] = []
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, dict[str, float]] = {}
@@ -308,9 +310,16 @@ class Trainer:
                 continue
             info = StepInfo(stage, epoch, self.global_step)
             losses = self.step_fn(self._to_device(data), info)
-            bad = self._first_nonfinite(losses)
-            if bad is not None and self.world == 1:
-                raise self._nonfinite_error(bad, losses[bad], info)
+            if not losses:
+                raise KamalError("the algorithm returned no losses")
+            if self._check_finite_now(info.step):
+                self._raise_if_nonfinite()  # the steps watched on the device since the last check
+                bad = self._first_nonfinite(losses)
+                if bad is not None and self.world == 1:
+                    raise self._nonfinite_error(bad, losses[bad], info)
+            else:  # an accelerator: note it on the device, read at the next check
+                bad = None
+                self._watch.note(losses, info)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             if bad is None:
@@ -344,9 +353,11 @@ class Trainer:
                            **{f"loss/{k}": v for k, v in values.items()}})
             self.progress.step(index, shown)
             if halt:
+                self._raise_if_nonfinite()  # never checkpoint weights a NaN step reached
                 self._save_latest(stage, epoch, index + 1, optimizer, scheduler,
                                   {"sums": {k: float(v) for k, v in sums.items()}, "count": count})
                 raise Interrupted(f"interrupted; saved {self.latest_path}. Continue with --resume")
+        self._raise_if_nonfinite()
         means = self._epoch_means(sums, count)
         record = {"stage": stage, "epoch": epoch, "step": self.global_step, "event": "epoch",
                   "seconds": round(time.perf_counter() - started, 3),
@@ -381,20 +392,44 @@ class Trainer:
             return type(data)(self._to_device(d) for d in data)
         return data
 
+    def _check_finite_now(self, step: int) -> bool:
+        """Whether this step's losses are checked before the update. On a CPU (where reading
+        a value costs nothing) and in distributed runs (which agree on it anyway) every step;
+        on an accelerator only at the logging interval, so the loop never waits on the device
+        per step -- the steps between are watched on the device (:class:`_FiniteWatch`)."""
+        mode = self.cfg.check_finite
+        if mode == "auto":
+            mode = "every-step" if self.device.type == "cpu" else "log-interval"
+        return mode == "every-step" or self.world > 1 or (step + 1) % self.cfg.log_every == 0
+
+    def _raise_if_nonfinite(self) -> None:
+        """Raise for a non-finite loss the device-side watch saw (one read)."""
+        seen = self._watch.first()
+        if seen is not None:
+            name, info = seen
+            raise self._nonfinite_error(name, None, info, deferred=True)
+
     @staticmethod
     def _first_nonfinite(losses: dict[str, Tensor]) -> str | None:
-        if not losses:
-            raise KamalError("the algorithm returned no losses")
         return next((name for name, value in losses.items() if not torch.isfinite(value).all()),
                     None)
 
     def _nonfinite_error(self, name: str | None, value: Tensor | None,
-                         info: StepInfo) -> NonFiniteLossError:
-        what = (f"loss '{name}' became {float(value.detach())}" if name is not None and value is not None
-                else "a loss became non-finite in another process")
+                         info: StepInfo, deferred: bool = False) -> NonFiniteLossError:
+        if deferred:  # seen by the device-side watch: that step already updated the weights
+            what = (f"loss '{name}' became non-finite at one of steps {info.step + 1}.."
+                    f"{self.global_step} (checked every train.log_every steps)")
+        elif name is not None and value is not None:
+            what = f"loss '{name}' became {float(value.detach())}"
+        else:
+            what = "a loss became non-finite in another process"
         norm = self._weight_norm()
         term = f"the algorithm's loss term '{name}'" if name else "the algorithm's loss"
-        if not math.isfinite(norm) or norm > _DIVERGED * self._start_norm:
+        if deferred:
+            cause = (f"{term} or a diverging optimisation; the weights were updated since, so "
+                     "rerun the stage with train.check_finite: every-step to see the first "
+                     "step and whether the weights grew before it")
+        elif not math.isfinite(norm) or norm > _DIVERGED * self._start_norm:
             cause = (f"the weights grew from norm {self._start_norm:.3g} to {norm:.3g} since the "
                      "stage began, so the optimisation diverged: lower train.optimizer.lr or set "
                      "train.grad_clip")
@@ -513,3 +548,27 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.loggers.record(record)  # metrics.jsonl and every logger; nothing outside the main process
+
+
+class _FiniteWatch:
+    """Non-finite losses noted on the device between checks (no read, so no wait), and read
+    in one go at the next check: the first loss name and the first step watched."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, Tensor] = {}
+        self.since: StepInfo | None = None
+
+    def note(self, losses: dict[str, Tensor], info: StepInfo) -> None:
+        self.since = self.since or info
+        for name, value in losses.items():
+            bad = ~torch.isfinite(value.detach()).all()
+            self.flags[name] = self.flags[name] | bad if name in self.flags else bad
+
+    def first(self) -> tuple[str, StepInfo] | None:
+        flags, since = self.flags, self.since
+        self.flags, self.since = {}, None
+        if not flags or since is None:
+            return None
+        seen = torch.stack(list(flags.values())).cpu()  # the one read
+        return next(((name, since) for name, bad in zip(flags, seen.tolist(), strict=True)
+                     if bad), None)

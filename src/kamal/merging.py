@@ -11,9 +11,11 @@ labels. Each teacher ``i`` gives class probabilities *given that the image is on
 classes*, ``log_softmax(logits_i)``; how much the image belongs to teacher ``i`` is judged
 by its confidence, the centred max logit, z-scored with the mean and spread measured on the
 unlabeled transfer data (so every teacher's confidence is on the same scale). The merged
-logit of class ``c`` of teacher ``i`` is ``log_softmax(logits_i)[c] + z_i``. ``naive``
-concatenates raw logits, as KamalEngine did. Classes that several teachers share are
-averaged.
+logit of class ``c`` of teacher ``i`` is ``log_softmax(logits_i)[c] + z_i``. ``energy``
+is the same with the teacher's free energy as its score, ``logsumexp(logits_i)`` (Liu et
+al., "Energy-based Out-of-distribution Detection", NeurIPS 2020: in-domain images get
+higher scores than the max logit alone tells). ``naive`` concatenates raw logits, as
+KamalEngine did. Classes that several teachers share are averaged.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from .interfaces import Task, Teacher
 from .tasks.classification import ClassificationTask
 
-MergeMode = Literal["standardize", "naive"]
+MergeMode = Literal["standardize", "energy", "naive"]
 
 
 class LogitMerger(nn.Module):
@@ -70,7 +72,7 @@ class LogitMerger(nn.Module):
                 outputs = teacher(batch)
                 for task in teacher.tasks:
                     if isinstance(task, ClassificationTask):
-                        scores[i].append(confidence(outputs[task.name]).double().cpu())
+                        scores[i].append(self.score(outputs[task.name]).double().cpu())
         for i, values in enumerate(scores):
             if values:
                 joined = torch.cat(values)
@@ -83,8 +85,8 @@ class LogitMerger(nn.Module):
             total, count = None, None
             for i, task in self.sources[target.name]:
                 logits = teacher_outputs[i][task.name]
-                if self.mode == "standardize":
-                    z = (confidence(logits) - self.confidence_mean[i]) / self.confidence_std[i]
+                if self.mode != "naive":
+                    z = (self.score(logits) - self.confidence_mean[i]) / self.confidence_std[i]
                     logits = torch.log_softmax(logits, dim=1) + z[:, None]
                 placed = target.embed(task, logits)
                 known = torch.isfinite(placed)
@@ -94,6 +96,12 @@ class LogitMerger(nn.Module):
             assert total is not None and count is not None
             merged[target.name] = total / count.clamp_min(1.0)
         return merged
+
+
+    def score(self, logits: Tensor) -> Tensor:
+        """How much each sample belongs to the teacher giving ``logits``, before z-scoring:
+        the centred max logit (``standardize``) or the free energy (``energy``)."""
+        return torch.logsumexp(logits, dim=1) if self.mode == "energy" else confidence(logits)
 
 
 def confidence(logits: Tensor) -> Tensor:

@@ -61,7 +61,8 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         report["measurements"] = measured
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     if eval_data is not None:
-        for mode in ("standardize", "naive"):
+        # the run's own merge (reported as "ensemble"), then the default and the naive one
+        for mode in dict.fromkeys((merge_mode, "standardize", "naive")):
             merger = LogitMerger(teachers, merged_only(student.tasks, teachers),  # type: ignore[arg-type]
                                  mode).to(device)
             if not merger.targets:  # it merges classification only; dense teachers stand alone
@@ -72,7 +73,7 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
                                eval_data, device, views=plan.views)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}
-        else:  # both merges measured: the same sources give the ceiling
+        else:  # every merge measured: the same sources give the ceiling
             report["ensemble_oracle"] = {"merge": "oracle gate", "metrics": oracle_metrics(
                 teachers, merger, eval_data, device, plan)}
     return report

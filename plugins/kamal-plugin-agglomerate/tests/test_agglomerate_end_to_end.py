@@ -19,7 +19,7 @@ import kamal
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "agglomerate" / "agglomerate.yaml"
 needs_example = pytest.mark.skipif(not EXAMPLE.exists(), reason="needs examples/agglomerate")
 SHORT = ["train.epochs=2", "data.transfer.count=192", "data.eval.count=48", "train.device=cpu",
-         "algorithm.calibration_images=64"]
+         "train.calibration_images=64"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,7 @@ def test_every_teachers_loss_decreases(short_run):
 def test_conformance_kit(tmp_path):
     testing = pytest.importorskip("kamal.testing")
     report = testing.check_amalgamator(AgglomerateAmalgamator, tmp_path, same_architecture=False,
-                                       algorithm_options={"adaptor_hidden": 32,
-                                                          "calibration_images": 32})
+                                       algorithm_options={"adaptor_hidden": 32})
     assert report["algorithm"] == "agglomerate"
 
 
@@ -96,7 +95,7 @@ def test_two_processes(tmp_path):
     config["train"].update(epochs=1, device="cpu")
     config["data"]["transfer"]["count"] = 128
     config["data"]["eval"]["count"] = 32
-    config["algorithm"]["calibration_images"] = 32
+    config["train"]["calibration_images"] = 32
     path = tmp_path / "agglomerate.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -112,3 +111,36 @@ def test_two_processes(tmp_path):
                                                  "scenes-shape"}
     assert (tmp_path / "run" / REPORT_NAME).exists()
     assert torch.isfinite(torch.tensor(report["student"]["metrics"]["scenes-depth"]["rmse"]))
+
+
+@pytest.mark.slow
+@needs_example
+def test_features_from_a_half_precision_disk_cache(tmp_path):
+    out = tmp_path / "run"
+    report = kamal.amalgamate(EXAMPLE, out, progress=False, overrides=[
+        *SHORT, "data.transfer.augment=false", "train.teacher_cache=disk",
+        "train.teacher_cache_dtype=float16"])
+    assert report["teacher_cache"]["mode"] == "disk" and report["teacher_cache"]["bytes"] > 0
+    # the cache holds the student's view only: the end figures fall back to trained-on images
+    assert report["measurements"]["measured_on"] == "transfer images the student trained on"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    assert epochs[-1]["loss/scenes-depth/spatial"] < epochs[0]["loss/scenes-depth/spatial"]
+
+
+@pytest.mark.slow
+@needs_example
+def test_a_head_that_cannot_be_separated_is_a_one_line_warning(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kamal", "amalgamate", str(EXAMPLE), "--output", str(tmp_path / "r"),
+         "--quiet", *(f"--set={o}" for o in [*SHORT, "train.epochs=1",
+                                             "algorithm.teacher_layers=[{spatial: enc4}, "
+                                             "{spatial: dec3}, {summary: 'model.fc:in'}]"])],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("kamal: warning: agglomerate: teacher 'scenes-segmentation' keeps no head in the "
+            "student (no single module reads layer 'enc4'") in result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert set(report["student"]["metrics"]) == {"scenes-depth", "scenes-shape"}
+    assert "scenes-segmentation" in report["measurements"]["features_only"]

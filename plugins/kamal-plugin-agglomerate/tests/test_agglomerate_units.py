@@ -53,7 +53,7 @@ def _teachers() -> list[Teacher]:
 
 
 def _algorithm(teachers, architecture="segnet", kwargs=None, **options) -> AgglomerateAmalgamator:
-    config = AgglomerateConfig(adaptor_hidden=16, calibration_images=16, **options)
+    config = AgglomerateConfig(adaptor_hidden=16, **options)
     spec = StudentSpec(architecture, kwargs or {"width": 4}, {}, SPEC)
     return AgglomerateAmalgamator(config, teachers, spec)
 

@@ -29,9 +29,11 @@ from kamal import (
     ConfigError,
     FeatureRequest,
     FeatureTap,
+    InputSpec,
     KamalError,
     KamalModel,
     Student,
+    StudentSpec,
     ViewBatch,
     get_registry,
     is_main_process,
@@ -41,7 +43,7 @@ from kamal import (
 from .adaptor import as_map, resize_map, summary_of
 from .balance import channels_first, channels_last
 from .config import AgglomerateConfig
-from .heads import find_head
+from .heads import HeadSearch, find_head
 from .network import SPATIAL, SUMMARY, AgglomeratedNet, build_backbone, patch_size
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 REPORT_NAME = "agglomerate.json"
 _PROBE = 2          # images in the shape probe of build_student
 _SHARE_IMAGES = 64  # images the gradient shares are measured on
+_KEPT_IMAGES = 256  # setup images kept for the start-of-run figures (and the fallback sweep)
 
 
 def default_layers(teacher: Teacher) -> dict[str, str | None]:
@@ -79,7 +82,8 @@ class AgglomerateAmalgamator(Amalgamator):
     Config = AgglomerateConfig
     config: AgglomerateConfig
 
-    def __init__(self, config: AgglomerateConfig, teachers: list[Teacher], student_spec) -> None:
+    def __init__(self, config: AgglomerateConfig, teachers: list[Teacher],
+                 student_spec: StudentSpec) -> None:
         super().__init__(config, teachers, student_spec)
         given = config.teacher_layers
         if given is not None and len(given) != len(teachers):
@@ -112,37 +116,15 @@ class AgglomerateAmalgamator(Amalgamator):
         targets, heads, tasks = [], [], []
         reasons: dict[int, str] = {}
         modules: list[torch.nn.Module] = []  # the teachers' heads, to copy into the student
-        for index, (i, kind, layer) in enumerate(self.targets):
-            teacher = self.teachers[i]
-            size = tuple(teacher.input_spec.size)
-            images = torch.rand(_PROBE, teacher.input_spec.channels, *size, generator=generator)
-            teacher.model.eval()
-            with torch.no_grad(), FeatureTap(teacher.model.features, [layer],
-                                             f"teacher '{teacher.name}'") as tap:
-                teacher(images)
-            feature = tap.features[layer]
-            if not isinstance(feature, Tensor) or feature.dim() not in (2, 3, 4):
-                raise ConfigError(f"teachers.{i}: layer '{layer}' of '{teacher.name}' gives "
-                                  f"{_shape(feature)}, not a feature vector, map or tokens; "
-                                  "choose another layer in algorithm.teacher_layers")
-            if kind == SPATIAL and feature.dim() == 2:
-                raise ConfigError(f"teachers.{i}: layer '{layer}' of '{teacher.name}' gives one "
-                                  "vector per image; distil it as its summary, not spatial")
-            target = teacher_target(feature, kind, size, patch_size(teacher.model.features))
-            stride = (size[0] / target.shape[-2]) if kind == SPATIAL else None
-            targets.append({"teacher": teacher.name, "kind": kind, "layer": layer,
-                            "channels": int(target.shape[1]), "balance": self.config.balance,
-                            "stride": stride})
-            if feature.shape != target.shape:
-                reasons[i] = f"its layer '{layer}' is reshaped before distillation"
-                continue
-            found = find_head(teacher, layer, images)
+        for index, (i, _, _) in enumerate(self.targets):
+            target, found = self._probe_target(index, generator)
+            targets.append(target)
             if found.config is None:
                 reasons[i] = found.reason
                 continue
             heads.append({**found.config, "target": index})
             modules.append(found.module)
-            tasks.extend(t for t in teacher.tasks if t.name == found.config["task"])
+            tasks.extend(t for t in self.teachers[i].tasks if t.name == found.config["task"])
         with_head = {self.targets[h["target"]][0] for h in heads}
         self.head_reasons = {self.teachers[i].name: why for i, why in reasons.items()
                              if i not in with_head}
@@ -153,9 +135,8 @@ class AgglomerateAmalgamator(Amalgamator):
         if len(set(names)) < len(names):
             raise ConfigError(f"the teachers' transplanted heads share task names ({names}); "
                               "teachers distilled by agglomerate need distinct task names")
-        backbone = self._backbone_config(input_spec)
-        kwargs = {"backbone": backbone, "targets": targets, "heads": heads,
-                  "adaptor_hidden": self.config.adaptor_hidden,
+        kwargs = {"backbone": self._backbone_config(input_spec), "targets": targets,
+                  "heads": heads, "adaptor_hidden": self.config.adaptor_hidden,
                   "adaptor_depth": self.config.adaptor_depth}
         student = KamalModel("agglomerated", tasks, input_spec, kwargs)
         for head, teachers_head in zip(student.features.heads, modules, strict=True):
@@ -163,6 +144,34 @@ class AgglomerateAmalgamator(Amalgamator):
         if self.config.init:
             self._init_backbone(student.features)
         return student
+
+    def _probe_target(self, index: int, generator: torch.Generator) -> tuple[dict[str, Any],
+                                                                             HeadSearch]:
+        """Target ``index``'s entry of the student's ``targets`` (its width and stride, from
+        random images at its teacher's size) and the search for the head that follows it."""
+        i, kind, layer = self.targets[index]
+        teacher = self.teachers[i]
+        size = tuple(teacher.input_spec.size)
+        images = torch.rand(_PROBE, teacher.input_spec.channels, *size, generator=generator)
+        with torch.no_grad(), FeatureTap(teacher.model.features, [layer],
+                                         f"teacher '{teacher.name}'") as tap:
+            teacher(images)
+        feature = tap.features[layer]
+        if not isinstance(feature, Tensor) or feature.dim() not in (2, 3, 4):
+            raise ConfigError(f"teachers.{i}: layer '{layer}' of '{teacher.name}' gives "
+                              f"{_shape(feature)}, not a feature vector, map or tokens; "
+                              "choose another layer in algorithm.teacher_layers")
+        if kind == SPATIAL and feature.dim() == 2:
+            raise ConfigError(f"teachers.{i}: layer '{layer}' of '{teacher.name}' gives one "
+                              "vector per image; distil it as its summary, not spatial")
+        target = teacher_target(feature, kind, size, patch_size(teacher.model.features))
+        entry = {"teacher": teacher.name, "kind": kind, "layer": layer,
+                 "channels": int(target.shape[1]), "balance": self.config.balance,
+                 "stride": (size[0] / target.shape[-2]) if kind == SPATIAL else None}
+        if feature.shape != target.shape:  # pooled or folded: the head reads something else
+            return entry, HeadSearch(reason=f"its layer '{layer}' is reshaped before "
+                                            "distillation")
+        return entry, find_head(teacher, layer, images)
 
     def _init_backbone(self, net: AgglomeratedNet) -> None:
         """Copy ``init``'s teacher weights into the backbone (equal names and shapes)."""
@@ -182,7 +191,7 @@ class AgglomerateAmalgamator(Amalgamator):
         copied = {k: v for k, v in source.items() if k in state and state[k].shape == v.shape}
         net.backbone.load_state_dict({**state, **copied})
 
-    def _backbone_config(self, input_spec) -> dict[str, Any]:
+    def _backbone_config(self, input_spec: InputSpec) -> dict[str, Any]:
         """The backbone's architecture, tapped layers and their widths (by a probe)."""
         spec = self.student_spec
         registry = get_registry()
@@ -230,22 +239,22 @@ class AgglomerateAmalgamator(Amalgamator):
         super().setup(student, transfer_images)
         net = self.net
         device = next(student.parameters()).device
-        kept: list[Tensor | ViewBatch] = []
+        kept: list[Tensor | ViewBatch] = []  # a few images for the start-of-run figures
         moments = [_Moments(t["channels"]) for t in net.targets]
         count = 0
-        for batch in transfer_images:
-            if count >= self.config.calibration_images:
-                break
+        for batch in transfer_images:  # train.calibration_images bounds them
             batch = batch.to(device)
             for moment, target in zip(moments, self._teacher_targets(batch), strict=True):
                 moment.update(channels_last(target).reshape(-1, target.shape[1]))
-            kept.append(batch.to("cpu"))
-            count += len(batch)
+            if count < _KEPT_IMAGES:
+                kept.append(batch.to("cpu"))
+                count += len(batch)
         if not kept:
             raise KamalError("agglomerate needs transfer images to balance its teachers")
         for normalizer, moment in zip(net.normalizers, moments, strict=True):
             normalizer.fit_moments(moment.count, moment.total, moment.outer)
-        self.kept = ViewBatch.cat(kept) if isinstance(kept[0], ViewBatch) else torch.cat(kept)
+        self.kept = (ViewBatch.cat(kept) if isinstance(kept[0], ViewBatch)
+                     else torch.cat(kept))[:_KEPT_IMAGES]
         self._check_student_sizes(device)
         self.shares["start"] = self.gradient_shares(self.kept[:_SHARE_IMAGES].to(device))
 

@@ -73,8 +73,6 @@ class AgglomerateConfig(AmalgamatorConfig):
                                 "the end-of-run gradient shares, resolution sweep and demo.png "
                                 "are measured on them.")
     demo_images: int = Field(6, ge=0, description="Held-out images shown in demo.png (0: none).")
-    calibration_images: int = Field(512, ge=16, description="Transfer images the balancing "
-                                    "statistics, gradient shares and sweep are measured on.")
 
     @field_validator("student_sizes", "sweep_sizes")
     @classmethod
@@ -84,4 +82,3 @@ class AgglomerateConfig(AmalgamatorConfig):
         return sizes
 
 
-SpatialOrSummary = Literal["summary", "spatial"]
