@@ -195,7 +195,7 @@ RENDERERS["hub_formats"] = _stored("hub_formats", "hub_formats.py")
 RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
 RENDERERS["agglomerate"] = _stored("agglomerate", "agglomerate.py")
 RENDERERS["gating"] = _stored("gating", "gating.py")
-RENDERERS["agglomerate-tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
+RENDERERS["agglomerate_tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 
 def _seeds(runs: list[dict[str, Any]], key: str = "student") -> str:
