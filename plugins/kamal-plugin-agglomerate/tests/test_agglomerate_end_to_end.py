@@ -144,3 +144,42 @@ def test_a_head_that_cannot_be_separated_is_a_one_line_warning(tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert set(report["student"]["metrics"]) == {"scenes-depth", "scenes-shape"}
     assert "scenes-segmentation" in report["measurements"]["features_only"]
+
+
+@pytest.mark.slow
+@needs_example
+def test_a_transformers_backbone_teacher_gives_its_summary_and_its_map(tmp_path):
+    """The field's case: a DINOv2-style backbone (no task) beside a task teacher."""
+    transformers = pytest.importorskip("transformers")
+    backbone = tmp_path / "dinov2"
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8)).save_pretrained(backbone)
+    transformers.BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                                   do_center_crop=True, resample=3).save_pretrained(backbone)
+    config = {
+        "teachers": [{"name": "scenes-segmentation",
+                      "path": str(EXAMPLE.parent.parent / "scenes" / "teachers" / "scenes-segmentation")},
+                     {"name": "dinov2", "path": str(backbone)}],
+        "student": {"architecture": "segnet", "architecture_kwargs": {"width": 8},
+                    "input": {"size": 32}},
+        "algorithm": {"name": "agglomerate", "summary_layer": "enc4", "adaptor_hidden": 32,
+                      "student_sizes": [24, 32]},
+        "data": {"transfer": {"dataset": "scenes", "split": "transfer", "size": 48, "count": 192},
+                 "eval": {"dataset": "scenes", "split": "test", "size": 48, "count": 32}},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "calibration_images": 64}}
+    path = tmp_path / "dino.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.warns(UserWarning, match="'dinov2' keeps no head"):
+        report = kamal.amalgamate(path, tmp_path / "run", progress=False)
+    measured = report["measurements"]
+    assert set(measured["resolution_sweep"]) == {"scenes-segmentation/spatial", "dinov2/summary",
+                                                 "dinov2/spatial"}
+    assert "architecture registry" in measured["features_only"]["dinov2"]
+    assert set(report["student"]["metrics"]) == {"scenes-segmentation"}
+    student = kamal.load_model(tmp_path / "run" / "student")
+    targets = student.features.targets
+    # the backbone's patch tokens (a 4x4 grid at its 32 px crop) and its pooled vector
+    assert [(t["teacher"], t["kind"], t["channels"], t["stride"]) for t in targets] == [
+        ("scenes-segmentation", "spatial", 16, 1.0), ("dinov2", "summary", 32, None),
+        ("dinov2", "spatial", 32, 8.0)]
