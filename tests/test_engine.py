@@ -19,6 +19,7 @@ from pydantic import Field
 from kamal import (
     Amalgamator,
     AmalgamatorConfig,
+    ConfigError,
     Interrupted,
     KamalError,
     NonFiniteLossError,
@@ -51,6 +52,32 @@ def test_resume_is_bit_exact(tmp_path, tiny_teachers, interrupt_after):
     assert not (tmp_path / "cut" / "student").exists()
     amalgamate(config, tmp_path / "cut", progress=False, resume=True)
     _assert_same_weights(_state(tmp_path / "full" / "student"), _state(tmp_path / "cut" / "student"))
+
+
+def test_bf16_trains_in_fp32_weights_and_resumes_bit_exact(tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
+    bf16 = ["train.precision=bf16"]
+    full = amalgamate(config, tmp_path / "full", progress=False, overrides=bf16)
+    with pytest.raises(Interrupted):
+        amalgamate(config, tmp_path / "cut", progress=False, interrupt_after_steps=7,
+                   overrides=bf16)
+    amalgamate(config, tmp_path / "cut", progress=False, resume=True, overrides=bf16)
+    weights = _state(tmp_path / "full" / "student")
+    _assert_same_weights(weights, _state(tmp_path / "cut" / "student"))
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    # the arithmetic really was bf16: the weights differ from an fp32 run's, the result not much
+    fp32 = amalgamate(config, tmp_path / "fp32", progress=False)
+    assert any(not torch.equal(v, weights[k]) for k, v in _state(tmp_path / "fp32" / "student").items())
+    top1 = [r["student"]["metrics"]["digits"]["top1"] for r in (full, fp32)]
+    assert abs(top1[0] - top1[1]) < 0.1, top1
+
+
+def test_fp16_on_a_cpu_is_refused_before_any_work(tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=1)
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a CUDA device .*use bf16"):
+        amalgamate(config, tmp_path / "run", progress=False,
+                   overrides=["train.precision=fp16", "train.device=cpu"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_supervised_training_resumes_bit_exact(tmp_path):

@@ -138,6 +138,10 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seeds initialisation, shuffling and augmentation.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
     log_every: int = Field(10, ge=1, description="Log the losses every N steps (to every logger).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Arithmetic of the training step (the student's and the teachers' "
+        "forward, the losses) under autocast; weights, optimiser state and checkpoints stay "
+        "fp32. bf16: CPUs and recent GPUs; fp16: CUDA only, with a gradient scaler.")
     check_finite: Literal["auto", "every-step", "log-interval"] = Field(
         "auto", description="When losses are checked for NaN/inf before the update: every step, "
         "or at the logging interval with the steps between watched on the device (the loop "

@@ -14,6 +14,7 @@ agreed on in the gradient collective, so every process stops at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -34,7 +35,7 @@ from . import distributed
 from .checkpoint import load_state, rng_state, save_state, seed_everything, set_rng_state
 from .config import TrainConfig
 from .data.transforms import ViewBatch
-from .errors import Interrupted, KamalError, NonFiniteLossError
+from .errors import ConfigError, Interrupted, KamalError, NonFiniteLossError
 from .loggers import RunLoggers
 from .progress import EpochProgress
 
@@ -157,11 +158,13 @@ class Trainer:
         self.output_dir = Path(output_dir) if self.is_main else self._scratch_folder()
         progress = progress and self.is_main
         self.device = device
+        check_precision(cfg.precision, device)
         self.evaluator = evaluator
         self.objective = objective
         self.progress = EpochProgress(progress)
         self.global_step = 0
         self._watch = _FiniteWatch()
+        self._scaler: torch.amp.GradScaler | None = None  # fp16's, made per stage by fit
         self.completed_stages: list[str] = []
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, dict[str, float]] = {}
@@ -264,8 +267,13 @@ class Trainer:
         if self.cfg.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+        # fp16's gradients underflow without a scale; bf16 keeps fp32's exponent range
+        self._scaler = (torch.amp.GradScaler(self.device.type)
+                        if self.cfg.precision == "fp16" else None)
         start_epoch, skip_batches = 0, 0
         if state is not None:
+            if self._scaler is not None and state.get("scaler"):
+                self._scaler.load_state_dict(state["scaler"])
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None and state["scheduler"] is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -309,7 +317,8 @@ class Trainer:
                     set_rng_state(self._own_rng(state))  # skipped batches drew augmentation noise
                 continue
             info = StepInfo(stage, epoch, self.global_step)
-            losses = self.step_fn(self._to_device(data), info)
+            with self._autocast():
+                losses = self.step_fn(self._to_device(data), info)
             if not losses:
                 raise KamalError("the algorithm returned no losses")
             if self._check_finite_now(info.step):
@@ -323,7 +332,8 @@ class Trainer:
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             if bad is None:
-                total.backward()  # type: ignore[union-attr]
+                scaled = self._scaler.scale(total) if self._scaler is not None else total
+                scaled.backward()  # type: ignore[union-attr]
             self._session_steps += 1
             if self.first_step_time is None:
                 self.first_step_time = time.perf_counter()
@@ -334,9 +344,15 @@ class Trainer:
                 halt, bad_anywhere = distributed.sync_gradients(params, [stop.requested, bad is not None])
                 if bad_anywhere:
                     raise self._nonfinite_error(bad, losses.get(bad or ""), info)
+            if self._scaler is not None:
+                self._scaler.unscale_(optimizer)  # clip the true gradients
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            optimizer.step()
+            if self._scaler is not None:
+                self._scaler.step(optimizer)  # skips a step whose gradients overflowed
+                self._scaler.update()
+            else:
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             self.global_step += 1
@@ -391,6 +407,13 @@ class Trainer:
         if isinstance(data, list | tuple):
             return type(data)(self._to_device(d) for d in data)
         return data
+
+    def _autocast(self) -> Any:
+        """The step's autocast context (a no-op in fp32)."""
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _check_finite_now(self, step: int) -> bool:
         """Whether this step's losses are checked before the update. On a CPU (where reading
@@ -493,6 +516,8 @@ class Trainer:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(), "processes": self.world, "by_process": by_process,
             "epoch_sums": epoch_sums,
+            "scaler": (self._scaler.state_dict() if self._scaler is not None
+                       and optimizer is not None else None),
         })
 
     def _load_latest(self) -> dict[str, Any]:
@@ -548,6 +573,15 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.loggers.record(record)  # metrics.jsonl and every logger; nothing outside the main process
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot train in, saying what would work."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.precision: fp16 needs a CUDA device (its gradient scaler); "
+                          f"on {device.type} use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: this GPU has no bfloat16 support; use fp16 or fp32")
 
 
 class _FiniteWatch:

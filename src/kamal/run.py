@@ -37,7 +37,7 @@ from .data.views import (
     dataset_from_ref,
     require_labels,
 )
-from .engine import Objective, Trainer, resolve_device
+from .engine import Objective, Trainer, check_precision, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import Student, StudentSpec, Teacher
@@ -86,6 +86,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)  # before any teacher runs
     seed_everything(cfg.train.seed)
 
     teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]

@@ -14,7 +14,7 @@ from .checkpoint import seed_everything
 from .config import TrainRunConfig, load_config
 from .data.base import ImageDataset
 from .data.views import check_data_matches, check_label_names, dataset_from_ref, require_labels
-from .engine import Objective, StepInfo, Trainer, resolve_device
+from .engine import Objective, StepInfo, Trainer, check_precision, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
 from .evaluation import evaluate
 from .interfaces import InputSpec, Task
@@ -48,6 +48,7 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
     distributed.check_global_batch(cfg.train.batch_size)
     out = prepare_output(output or Path("runs") / Path(config_path).stem, resume)
     device = resolve_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)  # before any teacher runs
     seed_everything(cfg.train.seed)
     train_data = dataset_from_ref(cfg.data.train, "data.train")
     eval_data = dataset_from_ref(cfg.data.eval, "data.eval") if cfg.data.eval else None
