@@ -44,9 +44,9 @@ def teacher_outputs(teachers: list[Any], images: Tensor) -> tuple[list[dict[str,
 
 
 def density_scores(logits: Tensor, features: Tensor, test_features: Tensor,
-                   fraction: float) -> tuple[Tensor, Tensor]:
-    """z-scored Mahalanobis membership of the transfer and test images for one teacher,
-    fitted on its ``fraction`` most confident transfer images."""
+                   fraction: float) -> Tensor:
+    """Mahalanobis membership of the test images for one teacher, fitted on its ``fraction``
+    most confident transfer images and z-scored with all transfer images' statistics."""
     from kamal.merging import confidence
 
     score = confidence(logits)
@@ -64,7 +64,7 @@ def density_scores(logits: Tensor, features: Tensor, test_features: Tensor,
         return -torch.einsum("ncd,de,nce->nc", d, precision, d).min(1).values
 
     transfer, test = membership(features), membership(test_features)
-    return (transfer - transfer.mean()) / transfer.std(), (test - transfer.mean()) / transfer.std()
+    return (test - transfer.mean()) / transfer.std()
 
 
 def merged_top1(teachers: list[Any], target: Any, outputs: list[dict[str, Tensor]],
@@ -101,14 +101,13 @@ def main() -> None:
         merger = LogitMerger(teachers, [target], mode)
         merger.calibrate(teachers, [transfer.images])
         gates = [torch.zeros(len(labels)) if mode == "naive" else
-                 (merger.score(o[t.tasks[0].name]) - merger.confidence_mean[i])
-                 / merger.confidence_std[i] for i, (t, o) in enumerate(zip(teachers, out_test,
-                                                                            strict=True))]
+                 merger.membership(i, o[t.tasks[0].name])
+                 for i, (t, o) in enumerate(zip(teachers, out_test, strict=True))]
         top1 = float(merger(out_test)["digits"].argmax(1).eq(labels).float().mean())
         gate = merged_top1(teachers, target, out_test, gates, labels)[1] if mode != "naive" else None
         results[f"`merge: {mode}`"] = {"top1": top1, **({"gate": gate} if gate is not None else {})}
     for fraction in (1.0, 0.3):
-        gates = [density_scores(o[t.tasks[0].name], f, g, fraction)[1]
+        gates = [density_scores(o[t.tasks[0].name], f, g, fraction)
                  for t, o, f, g in zip(teachers, out_transfer, f_transfer, f_test, strict=True)]
         top1, gate = merged_top1(teachers, target, out_test, gates, labels)
         label = ("feature density, all transfer images" if fraction == 1 else

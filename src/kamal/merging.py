@@ -86,8 +86,7 @@ class LogitMerger(nn.Module):
             for i, task in self.sources[target.name]:
                 logits = teacher_outputs[i][task.name]
                 if self.mode != "naive":
-                    z = (self.score(logits) - self.confidence_mean[i]) / self.confidence_std[i]
-                    logits = torch.log_softmax(logits, dim=1) + z[:, None]
+                    logits = torch.log_softmax(logits, dim=1) + self.membership(i, logits)[:, None]
                 placed = target.embed(task, logits)
                 known = torch.isfinite(placed)
                 placed = torch.where(known, placed, torch.zeros_like(placed))
@@ -97,6 +96,11 @@ class LogitMerger(nn.Module):
             merged[target.name] = total / count.clamp_min(1.0)
         return merged
 
+
+    def membership(self, teacher: int, logits: Tensor) -> Tensor:
+        """The gate: how much each sample belongs to teacher ``teacher`` (its score z-scored
+        with the transfer data's statistics), the term its log-probabilities are shifted by."""
+        return (self.score(logits) - self.confidence_mean[teacher]) / self.confidence_std[teacher]
 
     def score(self, logits: Tensor) -> Tensor:
         """How much each sample belongs to the teacher giving ``logits``, before z-scoring:
