@@ -6,13 +6,18 @@ algorithm.
     python benchmarks/quality.py [--seeds 0] [--scene-seeds 0] [--epochs N] [--only kd ...]
                                  [--check]
     python benchmarks/quality.py --variants cfl [kd ...] [--seeds 0]
+    python benchmarks/quality.py --gating [--seeds 0 1 2]
 
 The first form writes the "quality" key of docs/benchmarks.json (``nox -s quality`` runs it
 with ``--check``: the run fails when an algorithm is below its floor in ``FLOORS``). The
 second runs the variants listed in ``VARIANTS`` for those groups (``cfl:ke-head`` runs one)
 and merges them into that group's results file (``RESULTS``). After either, every marked
 region of README.md, docs/ and the plugins' READMEs is re-rendered from the JSON
-(benchmarks/_regions.py). ``--epochs`` overrides every run's ``train.epochs`` (quick checks:
+(benchmarks/_regions.py). ``--gating`` measures the merges (``GATING_MERGES``) with kd on
+the two disjoint digits teachers and on the three overlapping ones of
+``examples/digits-overlap`` against the targets of issue 17 (``GATING_TARGETS``), and the
+default merge's figures of the quality key against the figures before it (``BEFORE``); it
+writes the "gating_quality" key. ``--epochs`` overrides every run's ``train.epochs`` (quick checks:
 then nothing is written).
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +50,15 @@ FLOORS: dict[str, dict[str, float]] = {
     "recombination": {"top1": 0.91, "params_fraction": 0.50},
     "sbm": {"miou_vs_teacher": 0.95, "rmse_vs_teacher": 1.05},
 }
+
+# issue 17: the merges compared, its targets, and every algorithm's digits top-1 before the
+# learned merge became the default (standardize; means of seeds 0-2) that the new default must
+# not fall below
+GATING_MERGES = ("standardize", "energy", "learned", "auto")
+OVERLAP = ROOT / "examples" / "digits-overlap" / "kd.yaml"
+GATING_TARGETS = {"digits_best": 0.96, "digits_below_oracle": 0.025, "overlap_gain": 0.03,
+                  "overlap_below_oracle": 0.03, "auto_below_best": 0.01}
+BEFORE = {"kd": 0.911, "cfl": 0.913, "layerwise": 0.928, "recombination": 0.920}
 
 KAMALENGINE = ["algorithm.kernel_reduction=sum", "algorithm.mmd_weight=10",
                "algorithm.min_hidden=1", "algorithm.standardize_features=false",
@@ -168,6 +183,10 @@ def run_once(config: Path, out: Path, overrides: list[str], seed: int) -> dict[s
     for key in ("ensemble", "ensemble_naive", "ensemble_standardize", "ensemble_oracle"):
         if key in report:
             run[key] = _only_metric(report[key]["metrics"], "top1")
+    if "ensemble" in report:
+        run["merge"] = report["ensemble"]["merge"]
+        if "picked" in report["ensemble"]:
+            run["picked"] = report["ensemble"]["picked"]
     top1 = _only_metric(report["student"]["metrics"], "top1")
     if top1 is not None:
         run["student"] = top1
@@ -242,6 +261,52 @@ def floors(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def gating(tmp: Path, seeds: list[int], overrides: list[str]) -> dict[str, Any]:
+    """kd with every merge of ``GATING_MERGES`` on the disjoint and the overlapping teachers."""
+    return {bench: {merge: [run_once(config, tmp / f"gating-{bench}-{merge}{seed}",
+                                     [*overrides, f"algorithm.merge={merge}"], seed)
+                            for seed in seeds] for merge in GATING_MERGES}
+            for bench, config in (("digits", DIGITS / "kd.yaml"), ("overlap", OVERLAP))}
+
+
+def gating_verdicts(measured: dict[str, Any], quality_data: dict[str, Any] | None
+                    ) -> dict[str, dict[str, Any]]:
+    """Issue 17's targets from the figures (means over seeds), each with its verdict."""
+    def mean(runs: list[dict[str, Any]], key: str = "student") -> float:
+        return statistics.mean(r[key] for r in runs)
+
+    t, out = GATING_TARGETS, {}
+    for bench in ("digits", "overlap"):
+        students = {merge: mean(runs) for merge, runs in measured[bench].items()}
+        oracle = mean(measured[bench]["learned"], "ensemble_oracle")
+        best = max(students, key=students.__getitem__)
+        out[f"{bench}: auto within {t['auto_below_best']:.0%} of the best merge"] = {
+            "value": students["auto"], "target": students[best] - t["auto_below_best"],
+            "best": best, "met": students["auto"] >= students[best] - t["auto_below_best"]}
+        if bench == "digits":
+            out["digits: best label-free student"] = {
+                "value": students[best], "target": t["digits_best"], "best": best,
+                "met": students[best] >= t["digits_best"]}
+            out["digits: best student vs the oracle-gated ensemble"] = {
+                "value": students[best], "target": oracle - t["digits_below_oracle"],
+                "met": students[best] >= oracle - t["digits_below_oracle"]}
+        else:
+            default = students["learned"]
+            out["overlap: default (learned) vs the standardize student"] = {
+                "value": default, "target": students["standardize"] + t["overlap_gain"],
+                "met": default >= students["standardize"] + t["overlap_gain"]}
+            out["overlap: default student vs the oracle-gated ensemble"] = {
+                "value": default, "target": oracle - t["overlap_below_oracle"],
+                "met": default >= oracle - t["overlap_below_oracle"]}
+    for example in (quality_data or {}).get("examples", {}).values():
+        name = example["algorithm"]
+        if name in BEFORE:
+            value = mean(example["runs"])
+            out[f"no regression: {name}"] = {"value": value, "target": BEFORE[name],
+                                             "met": value >= BEFORE[name]}
+    return out
+
+
 def variants(tmp: Path, names: list[str], seeds: list[int], overrides: list[str]
              ) -> dict[str, dict[str, Any]]:
     """Run the named variant groups (``cfl``) or single variants (``cfl:ke-head``)."""
@@ -295,6 +360,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="only these algorithms (sbm = scenes)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when an algorithm is below its floor (FLOORS)")
+    parser.add_argument("--gating", action="store_true",
+                        help="measure the merges against issue 17's targets instead")
     parser.add_argument("--variants", nargs="+", metavar="GROUP[:ID]",
                         help=f"run variants instead: {', '.join(VARIANTS)}")
     args = parser.parse_args()
@@ -306,6 +373,20 @@ def main() -> None:
         if not args.epochs:
             _write_variants(results)
             _render()
+        return
+    if args.gating:
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = gating(Path(tmp), args.seeds, overrides)
+        stored = json.loads(_report.JSON_FILE.read_text()) if _report.JSON_FILE.exists() else {}
+        verdicts = gating_verdicts(measured, stored.get("quality"))
+        result = {**measured, "seeds": args.seeds, "verdicts": verdicts,
+                  "minutes": round((time.perf_counter() - started) / 60, 1)}
+        if not args.epochs:
+            _report.update_json("gating_quality", result)
+            _render()
+        for label, verdict in verdicts.items():
+            print(f"{label}: {verdict['value']:.4f} (target {verdict['target']:.4f}) "
+                  f"{'met' if verdict['met'] else 'missed'}")
         return
     only = set(args.only) if args.only else None
     from kamal.plugins import get_registry

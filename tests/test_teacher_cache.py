@@ -9,13 +9,15 @@ import torch
 import yaml
 
 from kamal import ConfigError, Interrupted, load_model
+from kamal.checkpoint import load_state
 from kamal.data.digits import build_digits
 from kamal.run import amalgamate
 from kamal.testing import write_run_config
 
 
-def _config(tmp_path, teachers, name, **train):
-    path = write_run_config(tmp_path / f"{name}.yaml", teachers, {"name": "kd"}, epochs=2)
+def _config(tmp_path, teachers, name, merge="standardize", **train):
+    path = write_run_config(tmp_path / f"{name}.yaml", teachers, {"name": "kd", "merge": merge},
+                            epochs=2)
     data = yaml.safe_load(path.read_text())
     data["train"].update(train)
     path.write_text(yaml.safe_dump(data))
@@ -36,6 +38,20 @@ def test_cached_runs_equal_uncached_ones(tmp_path, tiny_teachers):
         samples = len(build_digits("transfer"))
         assert reports[mode]["teacher_cache"]["bytes"] == samples * 2 * 5 * 4  # 2 teachers x 5 logits
     assert reports["off"]["teacher_cache"] == {"mode": "off", "bytes": 0}
+
+
+def test_a_learned_gate_trains_alike_with_and_without_the_cache(tmp_path, tiny_teachers):
+    """Cached outputs differ from live ones by rounding (other batch sizes): the learned
+    gate's fit is convex, so it moves by as little, and so does the student."""
+    reports = {mode: amalgamate(_config(tmp_path, tiny_teachers, f"learned-{mode}", "learned",
+                                        teacher_cache=mode), tmp_path / f"learned-{mode}",
+                                progress=False) for mode in ("off", "memory")}
+    top1 = [reports[mode]["student"]["metrics"]["digits"]["top1"] for mode in ("off", "memory")]
+    assert abs(top1[0] - top1[1]) <= 0.01, top1
+    gates = [load_state(tmp_path / f"learned-{mode}" / "checkpoints" / "latest.safetensors")
+             ["modules"]["merger"] for mode in ("off", "memory")]
+    for key in ("gate.w2", "gate.b2"):
+        torch.testing.assert_close(gates[0][key], gates[1][key], atol=5e-3, rtol=0)
 
 
 def test_auto_mode_follows_budget_and_augmentation(tmp_path, tiny_teachers):
@@ -74,9 +90,12 @@ def test_disk_cache_is_reused_on_resume(tmp_path, tiny_teachers):
     assert json.loads((out / "teacher_cache" / "index.json").read_text()) == index
 
 
-def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_teachers):
+@pytest.mark.parametrize("merge", ["standardize", "learned"])
+def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_teachers, merge):
     """kd taps no teacher layer, so the cache is filled first and every calibration (setup's
-    and the report ensemble's) reads it: no teacher runs twice on a transfer image."""
+    and the report ensemble's) reads it: no teacher runs twice on a transfer image. The
+    learned gate reads eight shifted copies of each calibration image besides, once: the
+    report reuses the run's calibrated merger."""
     from kamal import KamalModel
 
     images = {"off": 0, "memory": 0}
@@ -89,18 +108,22 @@ def test_with_the_cache_the_teachers_read_the_transfer_data_once(tmp_path, tiny_
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         for mode in ("off", "memory"):
-            amalgamate(_config(tmp_path, tiny_teachers, mode, teacher_cache=mode), tmp_path / mode,
-                       progress=False)
+            amalgamate(_config(tmp_path, tiny_teachers, mode, merge, teacher_cache=mode),
+                       tmp_path / mode, progress=False)
     finally:
         handle.remove()
     transfer, test = len(build_digits("transfer")), len(build_digits("test"))
+    shifted = 8 * transfer if merge == "learned" else 0
     epochs, latency = 2, 3 + 20  # the report's CPU latency: 3 warm-up and 20 timed images
-    # each teacher's metrics, the ensemble in both merges and with the oracle gate
-    evaluation = 4 * test + latency
+    # each teacher's metrics, the ensemble in each merge (the run's, standardize and naive)
+    # and with the oracle gate
+    evaluation = (5 if merge == "learned" else 4) * test + latency
     trained = epochs * (transfer // 64 * 64)  # batches of 64, the last partial one dropped
-    # off: calibration, training, the report's calibration; memory: the probe and the fill
-    assert images["off"] == 2 * (transfer + trained + transfer + evaluation)
-    assert images["memory"] == 2 * (8 + transfer + evaluation)
+    # off: calibration, training, the report's standardize calibration when the run's merge
+    # is another; memory: the probe and the fill (every calibration then reads the cache)
+    report = transfer if merge == "learned" else 0
+    assert images["off"] == 2 * (transfer + shifted + trained + report + evaluation)
+    assert images["memory"] == 2 * (8 + transfer + shifted + evaluation)
 
 
 def test_a_half_precision_cache_is_half_the_size_and_trains_alike(tmp_path, tiny_teachers):

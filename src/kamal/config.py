@@ -34,6 +34,10 @@ class TeacherRef(_Strict):
     classes: list[str] | dict[int, str] | None = Field(
         None, description="Classifiers of other libraries (timm, torchvision): the classes of "
         "its task, by label or {index: name}.")
+    rename: dict[str, str] | None = Field(
+        None, description="Class names to change when the teacher is loaded, {its name: the "
+        "name to merge as}: classes are matched across teachers by name, so two teachers that "
+        "call one class differently (e.g. {seven: '7'}) merge it once renamed.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherRef:

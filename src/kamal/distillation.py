@@ -27,10 +27,14 @@ class KDTermConfig(AmalgamatorConfig):
         1.0, gt=0, description="Softmax temperature T of the KD term. A higher T flattens the "
         "teachers' relative weights in the merged distribution.")
     merge: MergeMode = Field(
-        "standardize", description="How teacher logits are merged into the KD target: "
-        "'standardize' weighs each teacher by its confidence z-scored on the transfer data "
-        "(see kamal.merging); 'energy' by its free energy (logsumexp of its logits) z-scored "
-        "alike; 'naive' concatenates raw logits as KamalEngine did.")
+        "learned", description="How teacher logits are merged into the KD target (see "
+        "kamal.merging): 'learned' gates them with a small network fitted on the transfer data "
+        "to which teacher each image belongs, judged by how steady each teacher's prediction "
+        "is over nine shifted copies (calibration reads each image nine times); "
+        "'standardize' weighs each teacher by its confidence and 'energy' by its free energy, "
+        "z-scored on the transfer data (one pass); 'auto' picks among those three by how "
+        "steady the merged targets are over the shifted copies of held-out transfer images; "
+        "'naive' concatenates raw logits as KamalEngine did.")
     kd_weight: float = Field(1.0, ge=0, description="Weight of the KD term (0 switches it off).")
 
 

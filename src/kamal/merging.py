@@ -26,18 +26,23 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .data.transforms import ViewBatch
+from .gating import LearnedGate, head_inputs, neighbour_average, pooled, shifted_views, view_ownership
 from .interfaces import Task, Teacher
 from .tasks.classification import ClassificationTask
 
-MergeMode = Literal["standardize", "energy", "naive"]
+MergeMode = Literal["standardize", "energy", "learned", "auto", "naive"]
+#: The merges ``auto`` chooses from, in order of preference on a tie.
+AUTO_CANDIDATES: tuple[MergeMode, ...] = ("standardize", "energy", "learned")
 
 
 class LogitMerger(nn.Module):
     """Maps ``teacher_outputs`` (one dict per teacher) to ``{merged_task: logits}``.
 
     Only classification tasks are merged; call :meth:`calibrate` once on unlabeled images
-    before use when ``mode="standardize"``. The scales are buffers, so they are saved in
-    checkpoints with the run.
+    before use (every mode but ``naive`` measures something there). What it measures is held
+    in buffers, so it is saved in checkpoints with the run; nothing in it is trained by the
+    run's optimizer.
     """
 
     def __init__(self, teachers: Sequence[Teacher], student_tasks: Sequence[Task],
@@ -45,18 +50,34 @@ class LogitMerger(nn.Module):
         super().__init__()
         self.mode = mode
         self.targets = [t for t in student_tasks if isinstance(t, ClassificationTask)]
+        # every (teacher index, teacher task) pair that is classification, in teacher order
+        self.classified = [(i, task) for i, teacher in enumerate(teachers) for task in teacher.tasks
+                           if isinstance(task, ClassificationTask)]
         # (teacher index, teacher task) pairs feeding each merged task
         self.sources: dict[str, list[tuple[int, ClassificationTask]]] = {
-            target.name: [(i, task) for i, teacher in enumerate(teachers) for task in teacher.tasks
-                          if isinstance(task, ClassificationTask)]
-            for target in self.targets}
+            target.name: list(self.classified) for target in self.targets}
         self.register_buffer("confidence_mean", torch.zeros(len(teachers)))
         self.register_buffer("confidence_std", torch.ones(len(teachers)))
+        self.register_buffer("energy_mean", torch.zeros(len(teachers)))
+        self.register_buffer("energy_std", torch.ones(len(teachers)))
+        self.register_buffer("logit_scale", torch.ones(len(teachers)))
+        self.register_buffer("choice", torch.tensor(AUTO_CANDIDATES.index("learned")
+                                                    if mode == "learned" else 0))
+        self.gate = (LearnedGate(sum(len(task.classes) + 1 for _, task in self.classified),
+                                 max(1, len(teachers))) if mode in ("learned", "auto") else None)
+        #: what ``auto`` measured per candidate (view agreement on held-out images)
+        self.agreement: dict[str, float] = {}
+
+    @property
+    def active(self) -> MergeMode:
+        """The merge in use: ``mode``, or the one ``auto`` picked at calibration."""
+        return AUTO_CANDIDATES[int(self.choice)] if self.mode == "auto" else self.mode
 
     @torch.no_grad()
-    def calibrate(self, teachers: Sequence[Teacher], images: Iterable[Tensor],
+    def calibrate(self, teachers: Sequence[Teacher], images: Iterable[Tensor | ViewBatch],
                   device: torch.device | None = None) -> None:
-        """Measure each teacher's confidence statistics on unlabeled images.
+        """Measure each teacher's score statistics on unlabeled images (and, for ``learned``
+        and ``auto``, fit the gate to the teachers' consistency across shifted views).
 
         ``images`` is consumed in every mode, ``naive`` included (which needs no statistics
         and runs no teacher): callers such as cfl watch the iterator to keep leading batches.
@@ -65,47 +86,162 @@ class LogitMerger(nn.Module):
             for _ in images:
                 pass
             return
-        scores: list[list[Tensor]] = [[] for _ in teachers]
-        for batch in images:
-            batch = batch.to(device) if device is not None else batch
-            for i, teacher in enumerate(teachers):
-                outputs = teacher(batch)
-                for task in teacher.tasks:
-                    if isinstance(task, ClassificationTask):
-                        scores[i].append(self.score(outputs[task.name]).double().cpu())
-        for i, values in enumerate(scores):
-            if values:
-                joined = torch.cat(values)
-                self.confidence_mean[i] = joined.mean()
-                self.confidence_std[i] = joined.std().clamp_min(1e-6) if joined.numel() > 1 else 1.0
+        views = self.mode in ("learned", "auto")
+        logits: list[list[Tensor]] = [[] for _ in self.classified]  # per pair, per batch
+        mean_p: list[list[Tensor]] = [[] for _ in self.classified]  # over the nine views
+        moved: list[list[list[Tensor]]] = [[[] for _ in self.classified] for _ in range(8)]
+        features: list[list[Tensor]] = [[] for _ in teachers]  # head inputs, mean over views
+        with head_inputs(teachers if views else []) as taps:
+            for batch in images:
+                batch = batch.to(device) if device is not None else batch
+                outputs = self._classified_outputs(teachers, batch)
+                for pair, out in enumerate(outputs):
+                    logits[pair].append(out.float().cpu())
+                if not views:
+                    continue
+                total = [torch.softmax(out.float(), 1) for out in outputs]
+                seen: list[Tensor | None] = [None] * len(teachers)
+                for v, shifted in enumerate(shifted_views(batch)):
+                    for pair, out in enumerate(self._classified_outputs(teachers, shifted)):
+                        total[pair] = total[pair] + torch.softmax(out.float(), 1)
+                        moved[v][pair].append(out.half().cpu())  # the gate learns every view
+                    for i, tap in enumerate(taps):
+                        if tap is not None and tap.features:
+                            value = pooled(next(iter(tap.features.values())))
+                            seen[i] = value if seen[i] is None else seen[i] + value
+                for pair, value in enumerate(total):
+                    mean_p[pair].append((value / 9).cpu())
+                for i, value in enumerate(seen):
+                    if value is not None:
+                        features[i].append((value / 8).cpu())
+        if not self.classified or not logits[0]:
+            return
+        joined = [torch.cat(parts) for parts in logits]
+        for (i, _), values in zip(self.classified, joined, strict=True):
+            for score, mean, std in ((confidence, self.confidence_mean, self.confidence_std),
+                                     (_energy, self.energy_mean, self.energy_std)):
+                measured = score(values).double()
+                mean[i] = measured.mean()
+                std[i] = measured.std().clamp_min(1e-6) if len(measured) > 1 else 1.0
+        if views:
+            spread = {i: float(values.std(1).mean().clamp_min(1e-6))
+                      for (i, _), values in zip(self.classified, joined, strict=True)}
+            reference = torch.tensor(list(spread.values())).log().mean().exp()
+            for i, value in spread.items():
+                self.logit_scale[i] = reference / value
+            self._fit_gate(joined, [torch.cat(parts) for parts in mean_p],
+                           [[torch.cat(parts).float() for parts in view] for view in moved],
+                           [torch.cat(parts) if parts else None for parts in features])
+
+    def _classified_outputs(self, teachers: Sequence[Teacher], batch: Tensor | ViewBatch) -> list[Tensor]:
+        outputs = {i: teachers[i](batch) for i in dict.fromkeys(i for i, _ in self.classified)}
+        return [outputs[i][task.name] for i, task in self.classified]
+
+    def _fit_gate(self, logits: list[Tensor], mean_p: list[Tensor], moved: list[list[Tensor]],
+                  features: list[Tensor | None]) -> None:
+        """Fit the learned gate to the view owners smoothed over neighbours in the teachers'
+        feature space (their mean log-probabilities where a head input is unknown); for
+        ``auto``, first pick the merge whose targets agree most across the shifted views
+        (``moved``) on the half of the images the gate was not fitted on."""
+        assert self.gate is not None
+        per_teacher: list[list[Tensor]] = [[] for _ in features]
+        for (i, _), probabilities in zip(self.classified, mean_p, strict=True):
+            per_teacher[i].append(probabilities)
+        gated = [bool(p) for p in per_teacher]
+        representations = [
+            value if value is not None else torch.cat([p.clamp_min(1e-12).log() for p in probs], 1)
+            for value, probs, used in zip(features, per_teacher, gated, strict=True) if used]
+        owners = neighbour_average(representations, view_ownership(per_teacher, gated))
+        device = self.gate.w1.device
+        views = [logits, *moved]
+        if self.mode == "auto":
+            fitted = torch.arange(len(owners)) % 2 == 0
+            self.gate.fit(torch.cat([self._gate_inputs([x[fitted] for x in view])
+                                     for view in views]).to(device),
+                          owners[fitted].repeat(len(views), 1).to(device))
+            held = [[x[~fitted].to(device) for x in view] for view in views]
+            for index, candidate in enumerate(AUTO_CANDIDATES):
+                self.choice.fill_(index)
+                self.agreement[candidate] = self._view_agreement(held)
+            best = max(self.agreement.values())
+            self.choice.fill_(next(i for i, c in enumerate(AUTO_CANDIDATES)
+                                   if self.agreement[c] >= best - 1e-9))
+            if self.active != "learned":
+                return
+        self.gate.fit(torch.cat([self._gate_inputs(view) for view in views]).to(device),
+                      owners.repeat(len(views), 1).to(device))
+
+    def _view_agreement(self, views: list[list[Tensor]]) -> float:
+        """How much the merged targets of the original images (``views[0]``) agree with
+        those of each shifted view: the mean of ``sum_c p(c) q(c)``, label-free."""
+        def merged(pairs: list[Tensor]) -> list[Tensor]:
+            outputs: list[dict[str, Tensor]] = [{} for _ in range(len(self.confidence_mean))]
+            for (i, task), value in zip(self.classified, pairs, strict=True):
+                outputs[i][task.name] = value
+            return [torch.softmax(m, 1) for m in self(outputs).values()]
+        original = merged(views[0])
+        total = [sum(float((p * q).sum(1).mean()) for p, q in zip(original, merged(view), strict=True))
+                 for view in views[1:]]
+        return sum(total) / (len(total) * max(1, len(original)))
 
     def forward(self, teacher_outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        mode = self.active
+        gate = None
+        if mode == "learned":
+            assert self.gate is not None
+            gate = self.gate(self._gate_inputs([teacher_outputs[i][task.name]
+                                                for i, task in self.classified]))
         merged = {}
         for target in self.targets:
-            total, count = None, None
+            parts: list[Tensor] = []
             for i, task in self.sources[target.name]:
                 logits = teacher_outputs[i][task.name]
-                if self.mode != "naive":
+                if gate is not None:
+                    logits = (torch.log_softmax(logits.float() * self.logit_scale[i], dim=1)
+                              + gate[:, i, None])
+                elif mode != "naive":
                     logits = torch.log_softmax(logits, dim=1) + self.membership(i, logits)[:, None]
-                placed = target.embed(task, logits)
-                known = torch.isfinite(placed)
-                placed = torch.where(known, placed, torch.zeros_like(placed))
-                total = placed if total is None else total + placed
-                count = known.float() if count is None else count + known.float()
-            assert total is not None and count is not None
-            merged[target.name] = total / count.clamp_min(1.0)
+                parts.append(target.embed(task, logits))
+            merged[target.name] = _combine(parts, mixture=gate is not None)
         return merged
 
+    def _gate_inputs(self, logits: Sequence[Tensor]) -> Tensor:
+        """The learned gate's input: each teacher task's log-probabilities and free energy,
+        its logits rescaled to the teachers' common spread."""
+        scaled = [value.float() * self.logit_scale[i].to(value.device)
+                  for (i, _), value in zip(self.classified, logits, strict=True)]
+        return torch.cat([part for value in scaled
+                          for part in (torch.log_softmax(value, 1), _energy(value)[:, None])], 1)
 
     def membership(self, teacher: int, logits: Tensor) -> Tensor:
-        """The gate: how much each sample belongs to teacher ``teacher`` (its score z-scored
-        with the transfer data's statistics), the term its log-probabilities are shifted by."""
-        return (self.score(logits) - self.confidence_mean[teacher]) / self.confidence_std[teacher]
+        """The fixed gates: how much each sample belongs to teacher ``teacher`` (its score
+        z-scored with the transfer data's statistics), the term its log-probabilities are
+        shifted by."""
+        if self.active == "energy":
+            return (_energy(logits) - self.energy_mean[teacher]) / self.energy_std[teacher]
+        return (confidence(logits) - self.confidence_mean[teacher]) / self.confidence_std[teacher]
 
     def score(self, logits: Tensor) -> Tensor:
         """How much each sample belongs to the teacher giving ``logits``, before z-scoring:
         the centred max logit (``standardize``) or the free energy (``energy``)."""
-        return torch.logsumexp(logits, dim=1) if self.mode == "energy" else confidence(logits)
+        return _energy(logits) if self.active == "energy" else confidence(logits)
+
+
+def _combine(parts: Sequence[Tensor], mixture: bool) -> Tensor:
+    """Merge the embedded per-source logits (``-inf`` where a source lacks a class): the
+    mixture ``logsumexp`` for gates that are probabilities, else the average over sources."""
+    stacked = torch.stack(list(parts))
+    known = torch.isfinite(stacked)
+    if mixture:
+        return torch.logsumexp(stacked, dim=0)
+    total = torch.where(known, stacked, torch.zeros_like(stacked)).sum(0)
+    return total / known.float().sum(0).clamp_min(1.0)
+
+
+
+
+def _energy(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits, dim=1)
 
 
 def confidence(logits: Tensor) -> Tensor:

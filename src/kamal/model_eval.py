@@ -69,4 +69,4 @@ def recorded_teacher(entry: dict[str, Any]) -> TeacherRef:
     repo at the same revision, format and class selection."""
     return TeacherRef(name=entry["name"], path=entry.get("path"), hub=entry.get("hub"),
                       revision=entry.get("revision"), format=entry.get("format"),
-                      classes=entry.get("classes"))
+                      classes=entry.get("classes"), rename=entry.get("rename"))

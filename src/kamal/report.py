@@ -62,17 +62,25 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     if eval_data is not None:
         # the run's own merge (reported as "ensemble"), then the default and the naive one
+        # the run's own merger, when the algorithm keeps one, is already calibrated on the
+        # same images: reused, so a learned gate is not fitted (nine passes) a second time
+        trained = algorithm.trainable_modules().get("merger")
         for mode in dict.fromkeys((merge_mode, "standardize", "naive")):
             merger = LogitMerger(teachers, merged_only(student.tasks, teachers),  # type: ignore[arg-type]
                                  mode).to(device)
             if not merger.targets:  # it merges classification only; dense teachers stand alone
                 break
-            if mode != "naive":  # the naive merge has nothing to measure
+            if (isinstance(trained, LogitMerger) and trained.mode == mode
+                    and [t.name for t in trained.targets] == [t.name for t in merger.targets]):
+                merger = trained
+            elif mode != "naive":  # the naive merge has nothing to measure
                 merger.calibrate(teachers, calibration(), device)
             metrics = evaluate(lambda x, m=merger: m([t(x) for t in teachers]), merger.targets,
                                eval_data, device, views=plan.views)
             key = "ensemble" if mode == merge_mode else f"ensemble_{mode}"
             report[key] = {"merge": mode, "metrics": metrics}
+            if mode == "auto":  # which merge it picked, and the label-free figures why
+                report[key].update(picked=merger.active, view_agreement=merger.agreement)
         else:  # every merge measured: the same sources give the ceiling
             report["ensemble_oracle"] = {"merge": "oracle gate", "metrics": oracle_metrics(
                 teachers, merger, eval_data, device, plan)}
@@ -127,7 +135,8 @@ def format_table(report: dict[str, Any]) -> str:
     for key in ("ensemble", "ensemble_standardize", "ensemble_naive", "ensemble_oracle"):
         if key in report:
             e = report[key]
-            label = f"teachers' ensemble ({e['merge']})" if "merge" in e else "teachers' ensemble"
+            merge = f"auto: {e['picked']}" if "picked" in e else e.get("merge")
+            label = f"teachers' ensemble ({merge})" if merge else "teachers' ensemble"
             rows.append((label, _fmt(e.get("metrics")), "", ""))
     for t in report.get("teachers", []):
         rows.append((f"teacher {t['name']}", _fmt(t.get("metrics")), f"{t['params']:,}",

@@ -117,7 +117,10 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     resolved = resolved_config(cfg, teachers, student, base_dir)
     if resume:
         check_resume_matches(out, resolved)
-    calibration = calibration_sample(transfer, cfg.train.calibration_images, cfg.train.seed)
+    # calibration reads the images as they are: a merge measured on randomly shifted or
+    # cropped copies judges the teachers on views they were not trained for
+    calibration = calibration_sample(transfer.without_augmentation(),
+                                     cfg.train.calibration_images, cfg.train.seed)
     if len(calibration) < len(transfer) and progress and distributed.is_main_process():
         print(f"kamal: setup reads {len(calibration)} of {len(transfer)} transfer images "
               "(train.calibration_images)", file=sys.stderr)

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import TeacherRef
-from .errors import KamalError, ModelRepoError, RegistryError
+from .errors import ConfigError, KamalError, ModelRepoError, RegistryError
 from .formats import TeacherFormat
 from .interfaces import Teacher
 from .plugins import get_registry
 from .repo import sha256_of
+from .tasks.classification import NamedClassesTask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -40,11 +41,33 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
         model, fmt = load_repo(folder, ref.display_name, ref.classes, ref.format, key)
         if ref.classes is not None:  # recorded, so the student's teachers load again as used
             source["classes"] = ref.classes
+        if ref.rename:
+            rename_classes(model, ref.rename, f"{key}.rename")
+            source["rename"] = dict(ref.rename)
         return Teacher(ref.display_name, model,
                        {**source, "format": fmt, "sha256": weights_digest(folder)})
     except KamalError as exc:
         message = str(exc)
         raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None
+
+
+def rename_classes(model: Any, mapping: dict[str, str], key: str) -> None:
+    """Rename the classes of ``model``'s named-class tasks in place (``{old: new}``); a name
+    the model does not have, or a rename that makes two classes one, is an error."""
+    tasks = [t for t in model.tasks if isinstance(t, NamedClassesTask)]
+    known = [c for t in tasks for c in t.classes]
+    unknown = [name for name in mapping if name not in known]
+    if unknown:
+        raise ConfigError(f"{key}: the teacher has no class {', '.join(map(repr, unknown))}; its "
+                          f"classes are {', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+    for task in tasks:
+        renamed = [mapping.get(c, c) for c in task.classes]
+        if len(set(renamed)) != len(renamed):
+            raise ConfigError(f"{key}: renaming makes two classes of task '{task.name}' one "
+                              f"({', '.join(sorted({c for c in renamed if renamed.count(c) > 1}))})")
+        if all(c in mapping for c in task.classes):
+            task.guessed_names = False  # every name now comes from the user
+        task.classes = renamed
 
 
 def load_repo(folder: Path, name: str, classes: Any, format_name: str | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,11 @@ class ImageDataset(Dataset):
         """Whether items carry labels that metrics can be computed against."""
         return self.classes is not None
 
+    def without_augmentation(self) -> ImageDataset:
+        """The same images without random augmentation, what calibration reads (a dataset
+        that cannot switch it off returns itself)."""
+        return self
+
 
 class TensorImageDataset(ImageDataset):
     """Images held in memory as one tensor, with optional random-shift augmentation."""
@@ -52,6 +58,11 @@ class TensorImageDataset(ImageDataset):
         self.size = (int(images.shape[2]), int(images.shape[3]))
         self.augment_shift = augment_shift
         self.augmented = augment_shift > 0
+
+    def without_augmentation(self) -> TensorImageDataset:
+        plain = copy.copy(self)
+        plain.augment_shift, plain.augmented = 0, False
+        return plain
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

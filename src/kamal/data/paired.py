@@ -11,6 +11,7 @@ and each dense task picks its own entry.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,6 +112,11 @@ class PairedDataset(ImageDataset):
         self.size = (int(images.shape[2]), int(images.shape[3]))
         self.transform = transform
         self.augmented = transform is not None
+
+    def without_augmentation(self) -> PairedDataset:
+        plain = copy.copy(self)
+        plain.transform, plain.augmented = None, False
+        return plain
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -1,0 +1,181 @@
+"""A label-free gate learned on the transfer data: which teacher each image belongs to.
+
+A teacher's confidence on one view of an image is a weak sign that the image is one of its
+classes: a network trained on digits 5-9 is confidently wrong on many 0-4 images. How its
+belief *moves when the image is shifted* is a stronger one: on its own classes the
+prediction stays put, out of them it wanders. :func:`view_ownership` turns that into a soft
+owner per transfer image (the negative entropy of each teacher's prediction averaged over
+nine shifted views, z-scored per teacher on the transfer data; test-time augmentation as an
+out-of-distribution score). Where a teacher is confidently wrong on an image, its nearest
+neighbours usually are not: :func:`neighbour_average` smooths the owners over the
+:data:`NEIGHBOURS` most similar transfer images in the teachers' own feature space (the
+input of each teacher's head, averaged over the views). Nine teacher passes per image are
+too many for every training step, so :class:`LearnedGate`, a small MLP over the teachers'
+single-view outputs, is fitted once to the smoothed owners and gates every step at the cost
+of one matrix product.
+
+The measurements behind the choices (shift size, target sharpness, hidden width, and the
+self-training rounds that were tried and lost accuracy) are in the "gating" section of
+docs/benchmarks.md, written by ``benchmarks/gating.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.transforms import ViewBatch
+from .features import FeatureTap
+from .interfaces import Teacher
+
+#: Shift of the consistency views, as a fraction of each side (2 px at 16 px).
+SHIFT_FRACTION = 1 / 8
+#: Sharpness of the soft owners: softmax(OWNER_SHARPNESS * z) over teachers.
+OWNER_SHARPNESS = 4.0
+#: Transfer images (the image itself included) whose owners are averaged.
+NEIGHBOURS = 5
+
+
+def shifted_views(images: Tensor | ViewBatch) -> list[Tensor | ViewBatch]:
+    """The eight shifts of ``images`` by :data:`SHIFT_FRACTION` of their sides (edges
+    replicated), the same shift in every view of a :class:`ViewBatch`."""
+    steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    if isinstance(images, ViewBatch):
+        return [ViewBatch({view: _shift(x, dy, dx) for view, x in images.tensors.items()})
+                for dy, dx in steps]
+    return [_shift(images, dy, dx) for dy, dx in steps]
+
+
+def _shift(images: Tensor, dy: int, dx: int) -> Tensor:
+    if images.dim() != 4:  # not an image batch (e.g. token ids): nothing to shift
+        return images
+    h, w = images.shape[-2:]
+    sy, sx = max(1, round(h * SHIFT_FRACTION)), max(1, round(w * SHIFT_FRACTION))
+    padded = F.pad(images, (sx, sx, sy, sy), mode="replicate")
+    top, left = sy - dy * sy, sx - dx * sx
+    return padded[..., top:top + h, left:left + w]
+
+
+def view_ownership(mean_probabilities: Sequence[Sequence[Tensor]], gated: Sequence[bool]) -> Tensor:
+    """Soft owners ``(images, teachers)`` from each teacher's class probabilities averaged
+    over the consistency views (``mean_probabilities[i]``: one tensor per classification
+    task of teacher ``i``); teachers with ``gated[i]`` false own nothing."""
+    columns = []
+    for probabilities, used in zip(mean_probabilities, gated, strict=True):
+        if not used:
+            columns.append(None)
+            continue
+        certainty = torch.stack([(p * p.clamp_min(1e-12).log()).sum(1) for p in probabilities]).mean(0)
+        columns.append((certainty - certainty.mean()) / certainty.std().clamp_min(1e-6))
+    size = next(c for c in columns if c is not None).shape[0]
+    z = torch.stack([c if c is not None else torch.full((size,), float("-inf")) for c in columns], 1)
+    return torch.softmax(OWNER_SHARPNESS * z, dim=1)
+
+
+@contextmanager
+def head_inputs(teachers: Sequence[Teacher]) -> Iterator[list[FeatureTap | None]]:
+    """Taps on the input of each teacher's head (``None`` for a teacher without a known
+    head layer), for the forward passes run inside the block."""
+    with ExitStack() as stack:
+        taps: list[FeatureTap | None] = []
+        for teacher in teachers:
+            model = getattr(teacher, "model", None)
+            head, features = getattr(model, "head_layer", None), getattr(model, "features", None)
+            taps.append(stack.enter_context(FeatureTap(features, [f"{head}:in"]))
+                        if head and isinstance(features, nn.Module) else None)
+        yield taps
+
+
+def pooled(feature: Tensor) -> Tensor:
+    """One vector per image: maps ``(N, C, H, W)`` averaged over space, token sequences
+    ``(N, T, D)`` over tokens."""
+    if feature.dim() == 4:
+        return feature.float().mean((2, 3))
+    if feature.dim() == 3:
+        return feature.float().mean(1)
+    return feature.float().flatten(1)
+
+
+def neighbour_average(representations: Sequence[Tensor], values: Tensor,
+                      neighbours: int = NEIGHBOURS) -> Tensor:
+    """``values`` averaged over each image's ``neighbours`` nearest images (itself included)
+    by cosine similarity of the concatenated representations, each standardised per
+    dimension and weighted equally whatever its width. A neighbour weighs its similarity
+    above the next nearest image's, so the average moves continuously with the features
+    (a hard top-k would jump when two neighbours swap places)."""
+    blocks = [(r - r.mean(0)) / r.std(0).clamp_min(1e-6) / r.shape[1] ** 0.5
+              for r in (rep.float() for rep in representations)]
+    joined = F.normalize(torch.cat(blocks, 1), dim=1)
+    k = min(neighbours, len(joined) - 1)
+    if k < 1:
+        return values
+    averaged = []
+    for start in range(0, len(joined), 1024):
+        similar, nearest = (joined[start:start + 1024] @ joined.T).topk(k + 1, dim=1)
+        weights = (similar[:, :k] - similar[:, k:]).clamp_min(0)
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+        weights = weights / weights.sum(1, keepdim=True)
+        averaged.append((weights[:, :, None] * values[nearest[:, :k]]).sum(1))
+    return torch.cat(averaged)
+
+
+class LearnedGate(nn.Module):
+    """``log p(teacher | image)`` from the teachers' single-view outputs: standardised
+    inputs, a fixed layer of random ReLU features (drawn from a fixed seed), and a softmax
+    regression on them. Only the regression is fitted, with an L2 penalty, so the fit is
+    convex: the same owners give the same gate, and owners a rounding error apart (a cached
+    teacher output, another batch size) give gates a rounding error apart. Its weights are
+    buffers, saved with the run, never trained by the run's optimizer."""
+
+    def __init__(self, inputs: int, teachers: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(inputs))
+        self.register_buffer("scale", torch.ones(inputs))
+        self.register_buffer("w1", torch.zeros(hidden, inputs))
+        self.register_buffer("b1", torch.zeros(hidden))
+        self.register_buffer("w2", torch.zeros(teachers, hidden))
+        self.register_buffer("b2", torch.zeros(teachers))
+
+    def features(self, inputs: Tensor) -> Tensor:
+        return F.relu(F.linear((inputs - self.shift) / self.scale, self.w1, self.b1))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return torch.log_softmax(F.linear(self.features(inputs), self.w2, self.b2), dim=1)
+
+    @torch.enable_grad()
+    def fit(self, inputs: Tensor, owners: Tensor, penalty: float = 1e-2,
+            iterations: int = 300) -> None:
+        """Fit to soft ``owners`` (rows sum to 1) by cross-entropy + ``penalty`` * |w2|^2,
+        full batch, by L-BFGS."""
+        inputs, owners = inputs.float(), owners.float()
+        self.shift.copy_(inputs.mean(0))
+        # a near-constant input carries no evidence: it must not be blown up into noise
+        self.scale.copy_(inputs.std(0).clamp_min(1e-2) if len(inputs) > 1 else torch.ones_like(self.scale))
+        generator = torch.Generator().manual_seed(0)
+        width = self.w1.shape[1]
+        self.w1.copy_(torch.randn(self.w1.shape, generator=generator) / width ** 0.5)
+        self.b1.copy_(torch.randn(self.b1.shape, generator=generator) * 0.5)
+        features = self.features(inputs).detach()
+        w2 = torch.zeros_like(self.w2, requires_grad=True)
+        b2 = torch.zeros_like(self.b2, requires_grad=True)
+        known = owners > 0
+        optimizer = torch.optim.LBFGS([w2, b2], lr=1.0, max_iter=iterations,
+                                      tolerance_grad=1e-9, tolerance_change=1e-12,
+                                      history_size=20, line_search_fn="strong_wolfe")
+
+        def loss() -> Tensor:
+            optimizer.zero_grad()
+            log_p = torch.log_softmax(F.linear(features, w2, b2), dim=1)
+            value = (-torch.where(known, owners * log_p, torch.zeros_like(log_p)).sum(1).mean()
+                     + penalty * w2.pow(2).sum())
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        with torch.no_grad():
+            self.w2.copy_(w2)
+            self.b2.copy_(b2)
