@@ -21,8 +21,9 @@ docs/benchmarks.md, written by ``benchmarks/gating.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,9 @@ from .interfaces import Teacher
 #: Shift of the consistency views, as a fraction of each side (2 px at 16 px).
 SHIFT_FRACTION = 1 / 8
 #: Sharpness of the soft owners: softmax(OWNER_SHARPNESS * z) over teachers.
-OWNER_SHARPNESS = 4.0
+OWNER_SHARPNESS = 16.0
 #: Transfer images (the image itself included) whose owners are averaged.
-NEIGHBOURS = 5
+NEIGHBOURS = 10
 
 
 def shifted_views(images: Tensor | ViewBatch) -> list[Tensor | ViewBatch]:
@@ -60,7 +61,72 @@ def _shift(images: Tensor, dy: int, dx: int) -> Tensor:
     return padded[..., top:top + h, left:left + w]
 
 
-def view_ownership(mean_probabilities: Sequence[Sequence[Tensor]], gated: Sequence[bool]) -> Tensor:
+@dataclass
+class TeacherReadings:
+    """What calibration read of the classification teachers, per (teacher, task) pair."""
+
+    logits: list[Tensor]  # on the images as given
+    shifted: list[list[Tensor]]  # per shift, per pair (float16: the gate's training inputs)
+    features: list[Tensor | None]  # per teacher: its head's input, averaged over the shifts
+
+    def owners(self, pairs: Sequence[tuple[int, object]], scales: Sequence[float] | None = None,
+               sharpness: float = OWNER_SHARPNESS, neighbours: int = NEIGHBOURS) -> Tensor:
+        """Soft owners ``(images, teachers)``: :func:`view_ownership` of each pair's class
+        probabilities averaged over the nine views (its logits times ``scales[pair]``),
+        smoothed by :func:`neighbour_average` in the teachers' feature space (their mean
+        log-probabilities where a head input is unknown)."""
+        per_teacher: list[list[Tensor]] = [[] for _ in self.features]
+        for pair, (i, _) in enumerate(pairs):
+            scale = 1.0 if scales is None else scales[pair]
+            views = [self.logits[pair], *(view[pair] for view in self.shifted)]
+            per_teacher[i].append(torch.stack([torch.softmax(v.float() * scale, 1)
+                                               for v in views]).mean(0))
+        gated = [bool(p) for p in per_teacher]
+        representations = [
+            value if value is not None else torch.cat([p.clamp_min(1e-12).log() for p in probs], 1)
+            for value, probs, used in zip(self.features, per_teacher, gated, strict=True) if used]
+        owned = view_ownership(per_teacher, gated, sharpness)
+        return neighbour_average(representations, owned, neighbours) if neighbours > 1 else owned
+
+
+def read_teachers(teachers: Sequence[Teacher], pairs: Sequence[tuple[int, object]],
+                  images: Iterable[Tensor | ViewBatch], device: torch.device | None = None,
+                  shifts: bool = True) -> TeacherReadings:
+    """Run ``teachers`` over ``images`` (and, with ``shifts``, their eight shifts), keeping
+    the logits of each classification ``pair`` (teacher index, task) on the CPU."""
+    logits: list[list[Tensor]] = [[] for _ in pairs]
+    shifted: list[list[list[Tensor]]] = [[[] for _ in pairs] for _ in range(8 if shifts else 0)]
+    features: list[list[Tensor]] = [[] for _ in teachers]
+
+    def answer(batch: Tensor | ViewBatch) -> list[Tensor]:
+        outputs = {i: teachers[i](batch) for i in dict.fromkeys(i for i, _ in pairs)}
+        return [outputs[i][task.name].float() for i, task in pairs]  # type: ignore[attr-defined]
+
+    with head_inputs(teachers if shifts else []) as taps:
+        for batch in images:
+            batch = batch.to(device) if device is not None else batch
+            for pair, out in enumerate(answer(batch)):
+                logits[pair].append(out.cpu())
+            if not shifts:
+                continue
+            seen: list[Tensor | None] = [None] * len(teachers)
+            for v, moved in enumerate(shifted_views(batch)):
+                for pair, out in enumerate(answer(moved)):
+                    shifted[v][pair].append(out.half().cpu())
+                for i, tap in enumerate(taps):  # read after each live pass (a cached one has none)
+                    if tap is not None and tap.features:
+                        value = pooled(next(iter(tap.features.values())))
+                        seen[i] = value if seen[i] is None else seen[i] + value
+            for i, value in enumerate(seen):
+                if value is not None:
+                    features[i].append((value / 8).cpu())
+    return TeacherReadings([torch.cat(p) for p in logits if p],
+                           [[torch.cat(p).float() for p in view if p] for view in shifted],
+                           [torch.cat(p) if p else None for p in features])
+
+
+def view_ownership(mean_probabilities: Sequence[Sequence[Tensor]], gated: Sequence[bool],
+                   sharpness: float = OWNER_SHARPNESS) -> Tensor:
     """Soft owners ``(images, teachers)`` from each teacher's class probabilities averaged
     over the consistency views (``mean_probabilities[i]``: one tensor per classification
     task of teacher ``i``); teachers with ``gated[i]`` false own nothing."""
@@ -73,7 +139,7 @@ def view_ownership(mean_probabilities: Sequence[Sequence[Tensor]], gated: Sequen
         columns.append((certainty - certainty.mean()) / certainty.std().clamp_min(1e-6))
     size = next(c for c in columns if c is not None).shape[0]
     z = torch.stack([c if c is not None else torch.full((size,), float("-inf")) for c in columns], 1)
-    return torch.softmax(OWNER_SHARPNESS * z, dim=1)
+    return torch.softmax(sharpness * z, dim=1)
 
 
 @contextmanager

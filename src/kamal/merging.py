@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .data.transforms import ViewBatch
-from .gating import LearnedGate, head_inputs, neighbour_average, pooled, shifted_views, view_ownership
+from .gating import LearnedGate, TeacherReadings, read_teachers
 from .interfaces import Task, Teacher
 from .tasks.classification import ClassificationTask
 
@@ -86,74 +86,36 @@ class LogitMerger(nn.Module):
             for _ in images:
                 pass
             return
-        views = self.mode in ("learned", "auto")
-        logits: list[list[Tensor]] = [[] for _ in self.classified]  # per pair, per batch
-        mean_p: list[list[Tensor]] = [[] for _ in self.classified]  # over the nine views
-        moved: list[list[list[Tensor]]] = [[[] for _ in self.classified] for _ in range(8)]
-        features: list[list[Tensor]] = [[] for _ in teachers]  # head inputs, mean over views
-        with head_inputs(teachers if views else []) as taps:
-            for batch in images:
-                batch = batch.to(device) if device is not None else batch
-                outputs = self._classified_outputs(teachers, batch)
-                for pair, out in enumerate(outputs):
-                    logits[pair].append(out.float().cpu())
-                if not views:
-                    continue
-                total = [torch.softmax(out.float(), 1) for out in outputs]
-                seen: list[Tensor | None] = [None] * len(teachers)
-                for v, shifted in enumerate(shifted_views(batch)):
-                    for pair, out in enumerate(self._classified_outputs(teachers, shifted)):
-                        total[pair] = total[pair] + torch.softmax(out.float(), 1)
-                        moved[v][pair].append(out.half().cpu())  # the gate learns every view
-                    for i, tap in enumerate(taps):
-                        if tap is not None and tap.features:
-                            value = pooled(next(iter(tap.features.values())))
-                            seen[i] = value if seen[i] is None else seen[i] + value
-                for pair, value in enumerate(total):
-                    mean_p[pair].append((value / 9).cpu())
-                for i, value in enumerate(seen):
-                    if value is not None:
-                        features[i].append((value / 8).cpu())
-        if not self.classified or not logits[0]:
+        shifts = self.mode in ("learned", "auto")
+        readings = read_teachers(teachers, self.classified, images, device, shifts)
+        if not readings.logits:
             return
-        joined = [torch.cat(parts) for parts in logits]
-        for (i, _), values in zip(self.classified, joined, strict=True):
+        for (i, _), values in zip(self.classified, readings.logits, strict=True):
             for score, mean, std in ((confidence, self.confidence_mean, self.confidence_std),
                                      (_energy, self.energy_mean, self.energy_std)):
                 measured = score(values).double()
                 mean[i] = measured.mean()
                 std[i] = measured.std().clamp_min(1e-6) if len(measured) > 1 else 1.0
-        if views:
-            spread = {i: float(values.std(1).mean().clamp_min(1e-6))
-                      for (i, _), values in zip(self.classified, joined, strict=True)}
-            reference = torch.tensor(list(spread.values())).log().mean().exp()
-            for i, value in spread.items():
-                self.logit_scale[i] = reference / value
-            self._fit_gate(joined, [torch.cat(parts) for parts in mean_p],
-                           [[torch.cat(parts).float() for parts in view] for view in moved],
-                           [torch.cat(parts) if parts else None for parts in features])
+        if shifts:
+            self.fit_gate(readings)
 
-    def _classified_outputs(self, teachers: Sequence[Teacher], batch: Tensor | ViewBatch) -> list[Tensor]:
-        outputs = {i: teachers[i](batch) for i in dict.fromkeys(i for i, _ in self.classified)}
-        return [outputs[i][task.name] for i, task in self.classified]
-
-    def _fit_gate(self, logits: list[Tensor], mean_p: list[Tensor], moved: list[list[Tensor]],
-                  features: list[Tensor | None]) -> None:
-        """Fit the learned gate to the view owners smoothed over neighbours in the teachers'
-        feature space (their mean log-probabilities where a head input is unknown); for
-        ``auto``, first pick the merge whose targets agree most across the shifted views
-        (``moved``) on the half of the images the gate was not fitted on."""
+    def fit_gate(self, readings: TeacherReadings, owners: Tensor | None = None) -> None:
+        """Fit the learned gate to the readings' owners, on the images and their shifts, with
+        each teacher's logits rescaled to the teachers' common spread; for ``auto``, first
+        pick the merge whose targets agree most across the shifts on the half of the images
+        the gate was not fitted on. ``owners`` replaces the readings' own (for experiments:
+        ``benchmarks/gating.py``)."""
         assert self.gate is not None
-        per_teacher: list[list[Tensor]] = [[] for _ in features]
-        for (i, _), probabilities in zip(self.classified, mean_p, strict=True):
-            per_teacher[i].append(probabilities)
-        gated = [bool(p) for p in per_teacher]
-        representations = [
-            value if value is not None else torch.cat([p.clamp_min(1e-12).log() for p in probs], 1)
-            for value, probs, used in zip(features, per_teacher, gated, strict=True) if used]
-        owners = neighbour_average(representations, view_ownership(per_teacher, gated))
+        spread = {i: float(values.std(1).mean().clamp_min(1e-6))
+                  for (i, _), values in zip(self.classified, readings.logits, strict=True)}
+        reference = torch.tensor(list(spread.values())).log().mean().exp()
+        for i, value in spread.items():
+            self.logit_scale[i] = reference / value
+        # owners read the teachers' own probabilities: how sharp a teacher is on its own is
+        # evidence (rescaled to a common spread first, they mislead: see benchmarks/gating.py)
+        owners = readings.owners(self.classified) if owners is None else owners
         device = self.gate.w1.device
-        views = [logits, *moved]
+        views = [readings.logits, *readings.shifted]
         if self.mode == "auto":
             fitted = torch.arange(len(owners)) % 2 == 0
             self.gate.fit(torch.cat([self._gate_inputs([x[fitted] for x in view])
