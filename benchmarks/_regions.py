@@ -198,6 +198,16 @@ RENDERERS["gating"] = _stored("gating", "gating.py")
 RENDERERS["agglomerate_tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 
+def _merge(run: dict[str, Any]) -> str:
+    """The merge of a run's own ensemble (runs before it was recorded used standardize)."""
+    return run.get("merge", "standardize")
+
+
+def _standardize(run: dict[str, Any]) -> float:
+    """The standardize ensemble: its own row, or the run's when that was its merge."""
+    return run.get("ensemble_standardize", run["ensemble"])
+
+
 def _seeds(runs: list[dict[str, Any]], key: str = "student") -> str:
     return " / ".join(pct(r[key], 2) for r in runs)
 
@@ -224,7 +234,9 @@ def _quality(data: dict[str, Any]) -> str:
                      else "– (no same-architecture reference)")
         rows.append(f"| {stem} | {entry['algorithm']} | **{mean_sd([r['student'] for r in runs])}**"
                     f" | {mean_sd([r['ensemble'] for r in runs])} | "
-                    f"{mean_sd([r['ensemble_naive'] for r in runs])} | {reference} | {teachers} | "
+                    f"{mean_sd([_standardize(r) for r in runs])} | "
+                    f"{mean_sd([r['ensemble_naive'] for r in runs])} | "
+                    f"{mean_sd([r['ensemble_oracle'] for r in runs])} | {reference} | {teachers} | "
                     f"{runs[0]['student_params']:,} | "
                     f"{statistics.median(r['seconds'] for r in runs):.0f} |")
     lines = [
@@ -234,12 +246,14 @@ def _quality(data: dict[str, Any]) -> str:
         "Students learn from two teachers (digits 0-4 and 5-9) on the unlabeled transfer "
         "split; the supervised reference is the student's architecture (small-cnn w24) trained "
         "with every label of the train split (`examples/digits/supervised.yaml`). Teachers are "
-        "scored on their own five classes; the ensembles merge them with kamal's `standardize` "
-        "and with `naive` (KamalEngine's concatenation of raw logits).", "",
-        "| example | algorithm | KA student | teachers' ensemble (standardize) | ensemble "
-        "(naive) | supervised, same architecture | teachers (own classes) | student params "
-        "| s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "scored on their own five classes; the ensembles merge them with the run's merge "
+        "(kamal's default, `learned`), with `standardize` and with `naive` (KamalEngine's "
+        "concatenation of raw logits); the oracle gate routes each test image by its label "
+        "(the ceiling of any merge).", "",
+        "| example | algorithm | KA student | teachers' ensemble (learned) | ensemble "
+        "(standardize) | ensemble (naive) | ensemble (oracle gate) | supervised, same "
+        "architecture | teachers (own classes) | student params | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     runs = q.get("scenes", {}).get("sbm")
@@ -293,8 +307,11 @@ def _readme_example(data: dict[str, Any]) -> str:
     rows = [("model", "metrics", "params"),
             ("student (kd)", f"digits: top1={num(run['student'], 4)}",
              f"{run['student_params']:,}"),
-            ("teachers' ensemble (standardize)", f"digits: top1={num(run['ensemble'], 4)}", ""),
-            ("teachers' ensemble (naive)", f"digits: top1={num(run['ensemble_naive'], 4)}", "")]
+            (f"teachers' ensemble ({_merge(run)})", f"digits: top1={num(run['ensemble'], 4)}", ""),
+            ("teachers' ensemble (standardize)", f"digits: top1={num(_standardize(run), 4)}", ""),
+            ("teachers' ensemble (naive)", f"digits: top1={num(run['ensemble_naive'], 4)}", ""),
+            ("teachers' ensemble (oracle gate)", f"digits: top1={num(run['ensemble_oracle'], 4)}",
+             "")]
     for name, t in run["teachers"].items():
         rows.append((f"teacher {name}", f"{name}: top1={num(metric(t['metrics'], 'top1'), 4)}",
                      f"{t['params']:,}"))
@@ -310,6 +327,11 @@ def _kd_top1(data: dict[str, Any]) -> str:
 @region("kd-ensemble-top1")
 def _kd_ensemble(data: dict[str, Any]) -> str:
     return pct(first(data, "kd")["ensemble"])
+
+
+@region("kd-ensemble-standardize-top1")
+def _kd_ensemble_standardize(data: dict[str, Any]) -> str:
+    return pct(_standardize(first(data, "kd")))
 
 
 @region("kd-ensemble-naive-top1")
@@ -343,7 +365,7 @@ def _cfl_digits(data: dict[str, Any]) -> str:
     seeds = quality(data)["seeds"]
     rows = [
         "| model | top-1 | command |", "|---|---|---|",
-        f"| teachers' ensemble (standardize merge) | {_top1s(kd, 'ensemble')} | "
+        f"| teachers' ensemble ({_merge(kd[0])} merge) | {_top1s(kd, 'ensemble')} | "
         "(in every report) |",
         f"| `kd` | {_top1s(kd)} | `kamal amalgamate examples/digits/kd.yaml` |",
         f"| **`cfl`** (`examples/digits/cfl.yaml`: robust defaults, conv block on `block3`) | "
@@ -413,7 +435,8 @@ def _layerwise_digits(data: dict[str, Any]) -> str:
              f"| `layerwise`, `progressive`, 3 x 5 + 15, `finetune: head` | "
              f"{_variant_top1(data, 'layerwise', 'progressive-15-head')} |",
              f"| `kd` on the same teachers | {_variant_top1(data, 'layerwise', 'kd')} |",
-             f"| teachers' ensemble, `standardize` | {_top1s(joint, 'ensemble')} |",
+             f"| teachers' ensemble, `{_merge(joint[0])}` | {_top1s(joint, 'ensemble')} |",
+             f"| teachers' ensemble, `standardize` | {_top1s(joint, 'ensemble_standardize')} |",
              f"| teachers' ensemble, `naive` | {_top1s(joint, 'ensemble_naive')} |"]
     return "\n".join(lines)
 
@@ -436,8 +459,10 @@ def _recombination_digits(data: dict[str, Any]) -> str:
     except Missing as missing:
         rand_cells = f"| not measured yet (`{missing.command}`)"
     lines = ["| model | params | top-1 |", "|---|---:|---:|",
-             f"| teachers' ensemble, `standardize` merge | {params} | "
+             f"| teachers' ensemble, `{_merge(runs[0])}` merge | {params} | "
              f"{pct(runs[0]['ensemble'], 2)} |",
+             f"| teachers' ensemble, `standardize` merge | {params} | "
+             f"{pct(_standardize(runs[0]), 2)} |",
              f"| teachers' ensemble, `naive` merge | {params} | "
              f"{pct(runs[0]['ensemble_naive'], 2)} |",
              f"| combined network (before pruning) | {runs[0]['combined_params']:,} | |",
@@ -519,6 +544,52 @@ def _recombination_summary(data: dict[str, Any]) -> str:
     return text + "."
 
 
+
+GATING_CMD = "python benchmarks/quality.py --gating --seeds 0 1 2"
+
+
+def _gating_quality(data: dict[str, Any]) -> dict[str, Any]:
+    entry = data.get("benchmarks", {}).get("gating_quality")
+    if not entry or "verdicts" not in entry:
+        raise Missing(GATING_CMD)
+    return entry
+
+
+@region("gating-table")
+def _gating_table(data: dict[str, Any]) -> str:
+    """kd with each merge on both gating benchmarks, mean ± sd over seeds."""
+    g = _gating_quality(data)
+    lines = ["| teachers | merge | kd student | teachers' ensemble | ensemble (oracle gate) |",
+             "|---|---|---|---|---|"]
+    names = {"digits": "digits 0-4 + 5-9 (`examples/digits`)",
+             "overlap": "digits 0-4 + 3-7 + 6-9 (`examples/digits-overlap`)"}
+    for bench, label in names.items():
+        for merge, runs in g[bench].items():
+            picked = sorted({r["picked"] for r in runs if "picked" in r})
+            shown = f"`{merge}`" + (f" (picked: {', '.join(picked)})" if picked else "")
+            lines.append(f"| {label} | {shown} | {mean_sd([r['student'] for r in runs])} | "
+                         f"{mean_sd([r['ensemble'] for r in runs])} | "
+                         f"{mean_sd([r['ensemble_oracle'] for r in runs])} |")
+    return "\n".join([*lines, "", f"Top-1 on the digits test split, seeds {g['seeds']} "
+                      "(mean ± population sd); every merge is chosen and fitted without labels."])
+
+
+@region("gating_quality")
+def _gating_quality_section(data: dict[str, Any]) -> str:
+    g = _gating_quality(data)
+    lines = ["## Label-free gating (issue 17's targets)", "", _gating_table(data), "",
+             "| target | measured | needed | verdict |", "|---|---|---|---|"]
+    for label, verdict in g["verdicts"].items():
+        best = f" (best: `{verdict['best']}`)" if "best" in verdict else ""
+        lines.append(f"| {label} | {num(verdict['value'])}{best} | ≥ {num(verdict['target'])} | "
+                     f"**{'met' if verdict['met'] else 'missed'}** |")
+    lines += ["", "\"No regression\" compares each algorithm's digits figure in the Quality "
+              "section (mean over its seeds, the new default merge) with its figure before the "
+              "learned merge (listed in issue 17). Whole script: "
+              f"{g['minutes']:.0f} min.", "", stamp(g)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     check = "--check" in sys.argv[1:]
     changed = render_all(check=check)
@@ -530,3 +601,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -60,8 +60,10 @@ def run(images: Path, teachers: list[Path], work: Path, batch: int) -> dict[str,
         "teachers": [{"path": str(t)} for t in teachers],
         "student": {"architecture": "small-cnn", "architecture_kwargs": {"width": 8},
                     "task_names": {"classification": "digits"}},
-        "algorithm": {"name": "kd"},
-        "data": {"transfer": {"dataset": "image-folder", "root": str(images), "size": SIZE}},
+        # the data path is measured: the one-pass merge, the loader in this process
+        "algorithm": {"name": "kd", "merge": "standardize"},
+        "data": {"transfer": {"dataset": "image-folder", "root": str(images), "size": SIZE},
+                 "workers": 0},
         "train": {"epochs": 1, "batch_size": batch, "teacher_cache": "off", "seed": 0},
     }
     path = work / f"{images.name}.json"

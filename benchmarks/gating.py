@@ -214,7 +214,8 @@ def main() -> None:
     sources = [(i, t.tasks[0]) for i, t in enumerate(teachers)]
     oracle = oracle_merge(target, sources, out_test, labels).argmax(1).eq(labels).float().mean()
     results["oracle gate (true labels; the ceiling)"] = {"top1": float(oracle), "gate": 1.0}
-    lines = ["| gate | ensemble top-1 | gate accuracy |", "|---|---|---|"]
+    lines = ["## Gating: which teacher each merge trusts (digits)", "",
+             "| gate | ensemble top-1 | gate accuracy |", "|---|---|---|"]
     for label, values in results.items():
         gate = f"{100 * values['gate']:.1f}%" if "gate" in values else "–"
         lines.append(f"| {label} | {100 * values['top1']:.1f}% | {gate} |")

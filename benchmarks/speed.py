@@ -103,8 +103,10 @@ def run_kamal(folder: Path, epochs: int, cache: str, student: str) -> dict[str, 
     config = {
         "teachers": [{"path": str(folder / "teacher0")}, {"path": str(folder / "teacher1")}],
         "student": {"architecture": student, "architecture_kwargs": STUDENTS[student]},
-        "algorithm": {"name": "kd"},
-        "data": {"transfer": _data_ref(folder)},
+        # the loop's cost is measured: the one-pass merge, and the loader in this process as
+        # the plain loop's (no workers)
+        "algorithm": {"name": "kd", "merge": "standardize"},
+        "data": {"transfer": _data_ref(folder), "workers": 0},
         "train": {"epochs": epochs, "batch_size": BATCH, "device": "cpu", "teacher_cache": cache,
                   "log_every": 1000},
     }

@@ -43,6 +43,19 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+def _full_and_resumed_agree(config, tmp_path, overrides):
+    """A full run, and one interrupted after 7 steps then resumed, end with the same
+    weights; returns the full run's report and weights."""
+    full = amalgamate(config, tmp_path / "full", progress=False, overrides=overrides)
+    with pytest.raises(Interrupted):
+        amalgamate(config, tmp_path / "cut", progress=False, interrupt_after_steps=7,
+                   overrides=overrides)
+    amalgamate(config, tmp_path / "cut", progress=False, resume=True, overrides=overrides)
+    weights = _state(tmp_path / "full" / "student")
+    _assert_same_weights(weights, _state(tmp_path / "cut" / "student"))
+    return full, weights
+
+
 @pytest.mark.parametrize("interrupt_after", [7, 14])  # mid-epoch, and exactly at an epoch end
 def test_resume_is_bit_exact(tmp_path, tiny_teachers, interrupt_after):
     config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
@@ -56,14 +69,7 @@ def test_resume_is_bit_exact(tmp_path, tiny_teachers, interrupt_after):
 
 def test_bf16_trains_in_fp32_weights_and_resumes_bit_exact(tmp_path, tiny_teachers):
     config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
-    bf16 = ["train.precision=bf16"]
-    full = amalgamate(config, tmp_path / "full", progress=False, overrides=bf16)
-    with pytest.raises(Interrupted):
-        amalgamate(config, tmp_path / "cut", progress=False, interrupt_after_steps=7,
-                   overrides=bf16)
-    amalgamate(config, tmp_path / "cut", progress=False, resume=True, overrides=bf16)
-    weights = _state(tmp_path / "full" / "student")
-    _assert_same_weights(weights, _state(tmp_path / "cut" / "student"))
+    full, weights = _full_and_resumed_agree(config, tmp_path, ["train.precision=bf16"])
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
     # the arithmetic really was bf16: the weights differ from an fp32 run's, the result not much
     fp32 = amalgamate(config, tmp_path / "fp32", progress=False)
@@ -262,3 +268,32 @@ def test_resume_with_another_algorithm_or_teachers_is_refused_with_the_differenc
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(more))
     report = amalgamate(tmp_path / "more.yaml", out, progress=False, resume=True)
     assert report["algorithm"] == "kd"
+
+
+def test_data_workers_augment_in_their_own_processes_and_resume_bit_exact(tmp_path, tiny_teachers):
+    """Two DataLoader workers draw the augmentation from seeds the loader's per-epoch
+    generator gives them: an interrupted run resumes to the same weights."""
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers, {"name": "kd"}, epochs=2)
+    _, weights = _full_and_resumed_agree(config, tmp_path,
+                                         ["data.workers=2", "data.transfer.augment=true"])
+    # the workers drew the shifts, not the main process: another random stream than workers=0
+    amalgamate(config, tmp_path / "main", progress=False,
+               overrides=["data.workers=0", "data.transfer.augment=true"])
+    assert any(not torch.equal(v, weights[k]) for k, v in _state(tmp_path / "main" / "student").items())
+
+
+def test_auto_workers_only_for_data_that_is_decoded(tmp_path):
+    from PIL import Image
+
+    from kamal.data.digits import build_digits
+    from kamal.data.folders import build_image_folder
+    from kamal.data.loading import loader_options, resolve_workers
+
+    assert resolve_workers("auto", build_digits("transfer")) == 0
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    assert resolve_workers("auto", build_image_folder(root=str(tmp_path))) >= 1
+    assert resolve_workers(3, build_digits("transfer")) == 3
+    cpu = loader_options(2, torch.device("cpu"), augmented=True)
+    assert cpu == {"num_workers": 2, "pin_memory": False, "persistent_workers": False}
+    assert loader_options(2, torch.device("cuda"), augmented=False)["pin_memory"] is True

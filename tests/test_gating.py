@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EXAMPLES
 
-from kamal import ClassificationTask, LogitMerger, load_teacher
+from kamal import ClassificationTask, LogitMerger, load_model, load_teacher
 from kamal.config import TeacherRef
 from kamal.data.digits import build_digits
 from kamal.data.views import image_batches
@@ -157,3 +157,23 @@ def test_learned_merge_survives_a_checkpoint_round_trip(digits_teachers):
     outputs = [t(build_digits("test", size=16).images[:32]) for t in digits_teachers]
     assert torch.equal(fitted(outputs)["digits"], loaded(outputs)["digits"])
     assert not math.isnan(float(fitted(outputs)["digits"].exp().sum()))
+
+
+def test_the_overlapping_teachers_example_merges_shared_classes_by_name(tmp_path):
+    """examples/digits-overlap: three teachers (three architectures, two resolutions) whose
+    class sets overlap; one epoch is enough to check the merge (the ensembles do not depend
+    on the student)."""
+    from kamal import amalgamate
+
+    report = amalgamate(EXAMPLES / "digits-overlap" / "kd.yaml", tmp_path / "run",
+                        progress=False, overrides=["train.epochs=1"])
+    assert report["shared_classes"] == {"3": ["digits-0-4", "digits-3-7"],
+                                        "4": ["digits-0-4", "digits-3-7"],
+                                        "6": ["digits-3-7", "digits-6-9"],
+                                        "7": ["digits-3-7", "digits-6-9"]}
+    top1 = {key: report[key]["metrics"]["digits"]["top1"]
+            for key in ("ensemble", "ensemble_standardize", "ensemble_naive", "ensemble_oracle")}
+    assert report["ensemble"]["merge"] == "learned"
+    assert top1["ensemble_oracle"] > top1["ensemble"] > top1["ensemble_standardize"] > top1[
+        "ensemble_naive"], top1
+    assert load_model(tmp_path / "run" / "student").tasks[0].classes == [str(d) for d in range(10)]

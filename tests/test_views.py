@@ -118,7 +118,9 @@ def test_default_view_of_in_memory_images_keeps_them():
 def _mixed_config(tmp_path: Path, tiny_teachers: list[Path], name: str, **train) -> Path:
     """kd of an 8x8 teacher (digits 0-4) and a 16x16 one (5-9) into a 12x12 student."""
     teachers = [tiny_teachers[0], EXAMPLES / "digits" / "teachers" / "digits-5-9"]
-    path = write_run_config(tmp_path / f"{name}.yaml", teachers, {"name": "kd"}, epochs=8)
+    # the one-pass merge: the cached run must equal the live one exactly
+    path = write_run_config(tmp_path / f"{name}.yaml", teachers, {"name": "kd", "merge": "standardize"},
+                            epochs=8)
     data = yaml.safe_load(path.read_text())
     data["student"]["input"] = {"size": 12}
     data["data"]["transfer"]["size"] = data["data"]["eval"]["size"] = 16

@@ -108,14 +108,30 @@ class DataRef(BaseModel):
         return dict(self.model_extra or {})
 
 
-class AmalgamationData(_Strict):
+class _Loading(_Strict):
+    """How the training loop reads its data."""
+
+    workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes that decode and augment images beside "
+        "the training step. auto: none for in-memory datasets (digits, scenes), else one per "
+        "CPU core but one (at most 8). Batches are pinned in memory when the device is CUDA.")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"workers must be 0 or more, or auto (got {value})")
+        return value
+
+
+class AmalgamationData(_Loading):
     """Data of an amalgamation: unlabeled transfer images and optional labeled eval data."""
 
     transfer: DataRef = Field(description="Unlabeled training images (labels are never read).")
     eval: DataRef | None = Field(None, description="Labeled evaluation data (metrics, report).")
 
 
-class TrainingData(_Strict):
+class TrainingData(_Loading):
     """Data of a supervised training run."""
 
     train: DataRef = Field(description="Labeled training data.")

@@ -141,8 +141,12 @@ class Trainer:
                  evaluator: Evaluator | None = None, objective: Objective | None = None,
                  resume: bool = False, progress: bool = True,
                  interrupt_after_steps: int | None = None, loggers: RunLoggers | None = None,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None,
+                 loading: dict[str, Any] | None = None) -> None:
         self.modules = modules
+        # DataLoader keywords for the training data (workers, pinned memory): see
+        # kamal.data.loading.loader_options
+        self.loading = dict(loading or {})
         # for tests: behave as if Ctrl-C arrived after this many steps of this session
         self.interrupt_after_steps = interrupt_after_steps
         self._session_steps = 0
@@ -256,7 +260,8 @@ class Trainer:
         loader_gen = torch.Generator()
         batch_size = distributed.check_global_batch(self.cfg.batch_size)
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
-                            generator=loader_gen, drop_last=len(self.dataset) > batch_size)
+                            generator=loader_gen, drop_last=len(self.dataset) > batch_size,
+                            **self.loading)
         steps = distributed.all_reduce_min(len(loader))  # equal step counts: nobody waits forever
         if steps == 0:
             raise KamalError("the training data is empty")

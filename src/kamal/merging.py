@@ -1,21 +1,24 @@
 """Merging several teachers' classification logits into the student's label space.
 
-Teachers trained separately are not calibrated to each other: one teacher's logits can be
-several times larger than another's, and a naive concatenation then lets that teacher win
-the joint softmax even on images it knows nothing about (on kamal's own digits teachers:
-the "ensemble (naive)" column of the Quality section of docs/benchmarks.md, written by
-benchmarks/quality.py).
+Each teacher knows only its own classes and cannot say "this image is not one of mine", so
+merging is *gating*: per image, how much each teacher's answer counts. Every merge reads
+the teachers as a mixture of experts — teacher ``i`` gives class probabilities given that
+the image is one of its classes, ``log_softmax(logits_i)`` — and differs in the gate:
 
-``standardize`` (the default) treats the teachers as a mixture of experts and needs no
-labels. Each teacher ``i`` gives class probabilities *given that the image is one of its
-classes*, ``log_softmax(logits_i)``; how much the image belongs to teacher ``i`` is judged
-by its confidence, the centred max logit, z-scored with the mean and spread measured on the
-unlabeled transfer data (so every teacher's confidence is on the same scale). The merged
-logit of class ``c`` of teacher ``i`` is ``log_softmax(logits_i)[c] + z_i``. ``energy``
-is the same with the teacher's free energy as its score, ``logsumexp(logits_i)`` (Liu et
-al., "Energy-based Out-of-distribution Detection", NeurIPS 2020: in-domain images get
-higher scores than the max logit alone tells). ``naive`` concatenates raw logits, as
-KamalEngine did. Classes that several teachers share are averaged.
+- ``naive``: none; raw logits concatenated, as KamalEngine did (the louder teacher wins).
+- ``standardize``: the teacher's centred max logit, z-scored with its statistics on the
+  unlabeled transfer data, added to its log-probabilities. One pass.
+- ``energy``: the same with its free energy, ``logsumexp(logits_i)`` (Liu et al.,
+  "Energy-based Out-of-distribution Detection", NeurIPS 2020).
+- ``learned`` (the default of the KD term): a gate fitted on the transfer data to how
+  steady each teacher's prediction is over shifted copies of each image
+  (:mod:`kamal.gating`); the merge is the mixture ``sum_i g_i p_i(c)``. Nine passes.
+- ``auto``: whichever of the three merged targets agree most across shifted copies of
+  held-out transfer images.
+
+Classes are matched by name; a class several teachers know is averaged over them (fixed
+gates) or summed as a mixture (learned). docs/concepts.md explains each merge with the
+measured figures.
 """
 
 from __future__ import annotations

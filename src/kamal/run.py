@@ -25,6 +25,7 @@ from .amalgamator import Amalgamator, algorithms_with, check_backbone_teachers
 from .checkpoint import seed_everything
 from .config import RunConfig, load_config, validate
 from .data.base import ImageDataset
+from .data.loading import loader_options, resolve_workers
 from .data.transforms import ViewBatch
 from .data.views import (
     IndexedView,
@@ -162,7 +163,9 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=_evaluator(student, eval_data, device), objective=Objective.of(student),
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,
-        loggers=loggers, run_config=resolved)
+        loggers=loggers, run_config=resolved,
+        loading=loader_options(resolve_workers(cfg.data.workers, transfer), device,
+                               transfer.augmented))
     try:
         amalgamator.amalgamate(trainer)
         if not distributed.is_main_process():

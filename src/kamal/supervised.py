@@ -13,6 +13,7 @@ from . import report as reporting
 from .checkpoint import seed_everything
 from .config import TrainRunConfig, load_config
 from .data.base import ImageDataset
+from .data.loading import loader_options, resolve_workers
 from .data.views import check_data_matches, check_label_names, dataset_from_ref, require_labels
 from .engine import Objective, StepInfo, Trainer, check_precision, resolve_device
 from .errors import ConfigError, KamalError, RegistryError
@@ -84,7 +85,9 @@ def _train(config_path: str | Path, output: str | Path | None, overrides: list[s
                       evaluator=evaluator if eval_data is not None else None,
                       objective=Objective.of(model), resume=resume, progress=progress,
                       interrupt_after_steps=interrupt_after_steps, loggers=loggers,
-                      run_config=cfg.model_dump(exclude_none=True))
+                      run_config=cfg.model_dump(exclude_none=True),
+                      loading=loader_options(resolve_workers(cfg.data.workers, train_data), device,
+                                             train_data.augmented))
     try:
         trainer.fit()
         if not distributed.is_main_process():

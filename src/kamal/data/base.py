@@ -21,13 +21,15 @@ class ImageDataset(Dataset):
 
     ``classes`` names the label indices (``None`` for unlabeled data); ``channels`` and
     ``size`` describe the images; ``augmented`` says whether items are random (then
-    teacher outputs cannot be cached).
+    teacher outputs cannot be cached); ``in_memory`` whether items are ready tensors (then
+    DataLoader workers only add their start-up cost: ``data.workers: auto`` starts none).
     """
 
     classes: list[str] | None = None
     channels: int = 3
     size: tuple[int, int] = (32, 32)
     augmented: bool = False
+    in_memory: bool = False
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         raise NotImplementedError
@@ -48,6 +50,8 @@ class ImageDataset(Dataset):
 
 class TensorImageDataset(ImageDataset):
     """Images held in memory as one tensor, with optional random-shift augmentation."""
+
+    in_memory = True
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str] | None,
                  augment_shift: int = 0) -> None:

@@ -94,6 +94,8 @@ class PairedDataset(ImageDataset):
     given as the ``classification`` target (unchanged by the paired crops and flips).
     """
 
+    in_memory = True
+
     labelled = True  # dense targets (masks and/or depth) even without class names
 
     def __init__(self, images: Tensor, masks: Tensor | None, depths: Tensor | None,
