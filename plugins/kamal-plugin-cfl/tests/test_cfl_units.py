@@ -218,3 +218,22 @@ def test_plugin_is_installed_and_discovered():
     info = next(i for i in plugin_infos() if i.distribution == "kamal-plugin-cfl")
     assert info.status == "ok" and info.provides == {"amalgamators": ["cfl"]}
     assert get_registry().get("amalgamators", "cfl") is CFLAmalgamator
+
+
+@needs_examples
+def test_the_cap_measured_every_n_steps_keeps_its_scale_in_between():
+    torch.manual_seed(0)
+    images = _digits_batch(32)
+    algo = _amalgamator(images, mmd_weight=1000.0, feature_grad_ratio=0.5, feature_grad_every=3)
+    scales = []
+    for step in range(4):
+        batch = _batch(algo, images)
+        batch.step = step
+        if step == 1:  # another student: the gradients move, the kept scale must not
+            with torch.no_grad():
+                for p in algo.student.parameters():
+                    p.mul_(1.5)
+        algo.losses(batch)
+        scales.append(float(algo.block.mmd_scale))
+    assert scales[0] < 1.0 and scales[1] == scales[2] == scales[0]
+    assert scales[3] != scales[0]  # measured again at step 3

@@ -141,19 +141,23 @@ class CFLAmalgamator(Amalgamator):
 
     def _capped(self, mmd: Tensor, kd_losses: dict[str, Tensor], batch: Batch) -> Tensor:
         """``mmd`` scaled so that its gradient at the student's feature is at most
-        ``feature_grad_ratio`` times the KD terms' gradient there (never scaled up)."""
+        ``feature_grad_ratio`` times the KD terms' gradient there (never scaled up). The
+        two gradients are measured every ``feature_grad_every`` steps; the scale between is
+        the block's ``mmd_scale`` buffer, checkpointed with it (a resumed run keeps it)."""
         ratio = self.config.feature_grad_ratio
         feature = batch.student_features[self.student_layer]
         if (ratio is None or self.config.kd_weight == 0 or not kd_losses
                 or not mmd.requires_grad or not feature.requires_grad):
             return mmd
-        kd = sum(kd_losses.values())
-        g_kd, g_mmd = (torch.autograd.grad(loss, feature, retain_graph=True, allow_unused=True)[0]
-                       for loss in (kd, mmd))
-        if g_kd is None or g_mmd is None:
-            return mmd
-        scale = (ratio * g_kd.norm() / g_mmd.norm().clamp_min(1e-12)).clamp(max=1.0)
-        return mmd * scale.detach()
+        scale = self.block.mmd_scale
+        if batch.step % self.config.feature_grad_every == 0:
+            kd = sum(kd_losses.values())
+            g_kd, g_mmd = (torch.autograd.grad(loss, feature, retain_graph=True,
+                                               allow_unused=True)[0] for loss in (kd, mmd))
+            if g_kd is None or g_mmd is None:
+                return mmd
+            scale.copy_((ratio * g_kd.norm() / g_mmd.norm().clamp_min(1e-12)).clamp(max=1.0))
+        return mmd * scale.detach().clone()
 
     def _student_feature(self, features: dict[str, Tensor]) -> Tensor:
         return as_features(features[self.student_layer], "the student", self.student_layer)

@@ -77,6 +77,8 @@ class CommonFeatureBlock(nn.Module):
         self.align_teachers = nn.ModuleList(self._align(c) for c in teacher_channels)
         self.extractor = self._extractor()
         self.decoders = nn.ModuleList(self._decoder(c) for c in teacher_channels)
+        # the MMD's scale under the gradient cap, kept between measurements (checkpointed)
+        self.register_buffer("mmd_scale", torch.ones(()))
 
     def _align(self, channels: int) -> nn.Module:
         raise NotImplementedError

@@ -39,9 +39,12 @@ class CFLConfig(KDTermConfig):
                                 "reconstruction MSE (KamalEngine: 10).")
     feature_grad_ratio: float | None = Field(
         1.0, gt=0, description="Cap on how hard the MMD may pull the student's feature, "
-        "relative to the KD term: the MMD is scaled down (per step) until its gradient at "
-        "the student's feature is at most this times the KD's. None disables the cap "
-        "(KamalEngine).")
+        "relative to the KD term: the MMD is scaled down until its gradient at the student's "
+        "feature is at most this times the KD's. None disables the cap (KamalEngine).")
+    feature_grad_every: int = Field(
+        1, ge=1, description="Measure the two gradients of the cap (two extra backward "
+        "passes to the student's feature) every N steps and keep the scale in between (1: "
+        "every step).")
     sigmas: list[float] = Field(
         PAPER_SIGMAS, min_length=1,
         description="Bandwidths of the Gaussian kernels of the MMD, on L2-normalised common "
