@@ -115,7 +115,7 @@ def learned_rows(teachers: list[Any], target: Any, transfer: Any, test: Any, lab
     def scored() -> dict[str, float]:
         with torch.no_grad():
             top1 = float(merger(out_test)["digits"].argmax(1).eq(labels).float().mean())
-            gate = merger.gate(merger._gate_inputs([o[t.tasks[0].name] for t, o
+            gate = merger.gate(merger.gate_inputs([o[t.tasks[0].name] for t, o
                                                     in zip(teachers, out_test, strict=True)]))
         return {"top1": top1, "gate": owner_accuracy(gate, teachers, labels, target)}
 
@@ -132,7 +132,7 @@ def learned_rows(teachers: list[Any], target: Any, transfer: Any, test: Any, lab
     views = [readings.logits, *readings.shifted]
     for round_ in (1, 2, 3):
         with torch.no_grad():
-            posterior = torch.stack([merger.gate(merger._gate_inputs(v)).exp() for v in views]).mean(0)
+            posterior = torch.stack([merger.gate(merger.gate_inputs(v)).exp() for v in views]).mean(0)
         merger.fit_gate(readings, neighbour_average(representations, posterior))
         rows[f"`merge: learned` + {round_} EM round{'s' if round_ > 1 else ''}"] = scored()
     return rows

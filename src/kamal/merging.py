@@ -121,7 +121,7 @@ class LogitMerger(nn.Module):
         views = [readings.logits, *readings.shifted]
         if self.mode == "auto":
             fitted = torch.arange(len(owners)) % 2 == 0
-            self.gate.fit(torch.cat([self._gate_inputs([x[fitted] for x in view])
+            self.gate.fit(torch.cat([self.gate_inputs([x[fitted] for x in view])
                                      for view in views]).to(device),
                           owners[fitted].repeat(len(views), 1).to(device))
             held = [[x[~fitted].to(device) for x in view] for view in views]
@@ -133,7 +133,7 @@ class LogitMerger(nn.Module):
                                    if self.agreement[c] >= best - 1e-9))
             if self.active != "learned":
                 return
-        self.gate.fit(torch.cat([self._gate_inputs(view) for view in views]).to(device),
+        self.gate.fit(torch.cat([self.gate_inputs(view) for view in views]).to(device),
                       owners.repeat(len(views), 1).to(device))
 
     def _view_agreement(self, views: list[list[Tensor]]) -> float:
@@ -154,7 +154,7 @@ class LogitMerger(nn.Module):
         gate = None
         if mode == "learned":
             assert self.gate is not None
-            gate = self.gate(self._gate_inputs([teacher_outputs[i][task.name]
+            gate = self.gate(self.gate_inputs([teacher_outputs[i][task.name]
                                                 for i, task in self.classified]))
         merged = {}
         for target in self.targets:
@@ -170,7 +170,7 @@ class LogitMerger(nn.Module):
             merged[target.name] = _combine(parts, mixture=gate is not None)
         return merged
 
-    def _gate_inputs(self, logits: Sequence[Tensor]) -> Tensor:
+    def gate_inputs(self, logits: Sequence[Tensor]) -> Tensor:
         """The learned gate's input: each teacher task's log-probabilities and free energy,
         its logits rescaled to the teachers' common spread."""
         scaled = [value.float() * self.logit_scale[i].to(value.device)
