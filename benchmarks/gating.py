@@ -101,15 +101,15 @@ def owner_accuracy(owners: Tensor, teachers: list[Any], labels: Tensor, target: 
     return float(knows[torch.arange(len(labels)), owners.argmax(1)].float().mean())
 
 
-def learned_rows(teachers: list[Any], target: Any, transfer: Any, test: Any, labels: Tensor,
+def learned_rows(teachers: list[Any], target: Any, readings: Any, labels: Tensor,
                  out_test: list[dict[str, Tensor]]) -> dict[str, dict[str, float]]:
-    """The learned gate as shipped, without neighbour smoothing, and after EM rounds (the
-    gate's own posteriors, averaged over the nine views and smoothed, as the next owners)."""
-    from kamal.gating import neighbour_average, read_teachers
+    """The learned gate as shipped, without neighbour smoothing, with owners read from
+    rescaled logits, and after EM rounds (the gate's own posteriors, averaged over the nine
+    views and smoothed, as the next owners). Each fit starts afresh from the readings."""
+    from kamal.gating import neighbour_average
     from kamal.merging import LogitMerger
 
     merger = LogitMerger(teachers, [target], "learned")
-    readings = read_teachers(teachers, merger.classified, [transfer.images])
     pairs = merger.classified
 
     def scored() -> dict[str, float]:
@@ -119,15 +119,16 @@ def learned_rows(teachers: list[Any], target: Any, transfer: Any, test: Any, lab
                                                     in zip(teachers, out_test, strict=True)]))
         return {"top1": top1, "gate": owner_accuracy(gate, teachers, labels, target)}
 
+    merger.fit_gate(readings)
+    shipped = scored()
+    scales = [float(merger.logit_scale[i]) for i, _ in pairs]
     rows = {}
     merger.fit_gate(readings, readings.owners(pairs, neighbours=1))
     rows["`merge: learned` without neighbour smoothing"] = scored()
-    merger.fit_gate(readings)
-    scales = [float(merger.logit_scale[i]) for i, _ in pairs]
     merger.fit_gate(readings, readings.owners(pairs, scales))
     rows["`merge: learned`, owners from logits rescaled to a common spread"] = scored()
+    rows["`merge: learned` (as shipped)"] = shipped
     merger.fit_gate(readings)
-    rows["`merge: learned` (as shipped)"] = scored()
     representations = [f for f in readings.features if f is not None]
     views = [readings.logits, *readings.shifted]
     for round_ in (1, 2, 3):
@@ -138,14 +139,14 @@ def learned_rows(teachers: list[Any], target: Any, transfer: Any, test: Any, lab
     return rows
 
 
-def tuning(teachers: list[Any], target: Any, transfer: Any) -> tuple[str, dict[str, Any]]:
+def tuning(teachers: list[Any], target: Any, transfer: Any, readings: Any
+           ) -> tuple[str, dict[str, Any]]:
     """The learned merge's top-1 on the transfer split (the images its gate is fitted on,
     without their labels) for each owners' sharpness x neighbours."""
     import kamal.gating as gating
     from kamal.merging import LogitMerger
 
     merger = LogitMerger(teachers, [target], "learned")
-    readings = gating.read_teachers(teachers, merger.classified, [transfer.images])
     labels = target.map_targets(transfer.classes, transfer.labels)
     outputs = [{t.tasks[0].name: logits} for t, logits in zip(teachers, readings.logits, strict=True)]
     grid = {}
@@ -173,6 +174,7 @@ def tuning(teachers: list[Any], target: Any, transfer: Any) -> tuple[str, dict[s
 def main() -> None:
     from kamal import ClassificationTask, load_teacher
     from kamal.data.digits import build_digits
+    from kamal.gating import read_teachers
     from kamal.merging import LogitMerger, oracle_merge
 
     teachers = [load_teacher(name, TEACHERS / name) for name in ("digits-0-4", "digits-5-9")]
@@ -194,13 +196,11 @@ def main() -> None:
                  for i, (t, o) in enumerate(zip(teachers, out_test, strict=True))]
         results[label] = {"top1": top1, "gate": merged_top1(teachers, target, out_test, gates,
                                                             labels)[1]}
-    results.update(learned_rows(teachers, target, transfer, test, labels, out_test))
-    from kamal.gating import read_teachers, view_ownership
-
-    steady = read_teachers(teachers, LogitMerger(teachers, [target]).classified, [test.images])
-    owners = view_ownership([[torch.stack([torch.softmax(v, 1) for v in (logits, *shifts)]).mean(0)]
-                             for logits, *shifts in zip(steady.logits, *steady.shifted,
-                                                        strict=True)], [True, True])
+    pairs = LogitMerger(teachers, [target]).classified
+    readings = read_teachers(teachers, pairs, [transfer.images])  # once, for every learned row
+    results.update(learned_rows(teachers, target, readings, labels, out_test))
+    # the signal itself, read on the test images (no neighbours: they are not transfer images)
+    owners = read_teachers(teachers, pairs, [test.images]).owners(pairs, neighbours=1)
     results["view steadiness at test time (nine passes per test image; not a merge)"] = {
         "top1": merged_top1(teachers, target, out_test, list(owners.log().unbind(1)), labels)[0],
         "gate": owner_accuracy(owners, teachers, labels, target)}
@@ -219,7 +219,7 @@ def main() -> None:
     for label, values in results.items():
         gate = f"{100 * values['gate']:.1f}%" if "gate" in values else "–"
         lines.append(f"| {label} | {100 * values['top1']:.1f}% | {gate} |")
-    tuned_text, tuned = tuning(teachers, target, transfer)
+    tuned_text, tuned = tuning(teachers, target, transfer, readings)
     text = "\n".join(lines + ["", "Teachers: examples/digits digits-0-4 and digits-5-9; test "
                               f"split ({len(labels)} images); gates fitted on the transfer split.",
                               "", "#### The learned gate's settings, chosen on the transfer split",

@@ -15,7 +15,9 @@ agreed on in the gradient collective, so every process stops at the same step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import shutil
 import signal
 import tempfile
@@ -334,11 +336,11 @@ class Trainer:
             else:  # an accelerator: note it on the device, read at the next check
                 bad = None
                 self._watch.note(losses, info)
-            total = sum(losses.values())
+            total = functools.reduce(operator.add, losses.values())
             optimizer.zero_grad(set_to_none=True)
             if bad is None:
                 scaled = self._scaler.scale(total) if self._scaler is not None else total
-                scaled.backward()  # type: ignore[union-attr]
+                scaled.backward()
             self._session_steps += 1
             if self.first_step_time is None:
                 self.first_step_time = time.perf_counter()

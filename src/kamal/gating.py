@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .data.transforms import ViewBatch
 from .features import FeatureTap
-from .interfaces import Teacher
+from .interfaces import Task, Teacher
 
 #: Shift of the consistency views, as a fraction of each side (2 px at 16 px).
 SHIFT_FRACTION = 1 / 8
@@ -66,10 +66,10 @@ class TeacherReadings:
     """What calibration read of the classification teachers, per (teacher, task) pair."""
 
     logits: list[Tensor]  # on the images as given
-    shifted: list[list[Tensor]]  # per shift, per pair (float16: the gate's training inputs)
+    shifted: list[list[Tensor]]  # per shift, per pair (held as float16 while reading)
     features: list[Tensor | None]  # per teacher: its head's input, averaged over the shifts
 
-    def owners(self, pairs: Sequence[tuple[int, object]], scales: Sequence[float] | None = None,
+    def owners(self, pairs: Sequence[tuple[int, Task]], scales: Sequence[float] | None = None,
                sharpness: float = OWNER_SHARPNESS, neighbours: int = NEIGHBOURS) -> Tensor:
         """Soft owners ``(images, teachers)``: :func:`view_ownership` of each pair's class
         probabilities averaged over the nine views (its logits times ``scales[pair]``),
@@ -89,7 +89,7 @@ class TeacherReadings:
         return neighbour_average(representations, owned, neighbours) if neighbours > 1 else owned
 
 
-def read_teachers(teachers: Sequence[Teacher], pairs: Sequence[tuple[int, object]],
+def read_teachers(teachers: Sequence[Teacher], pairs: Sequence[tuple[int, Task]],
                   images: Iterable[Tensor | ViewBatch], device: torch.device | None = None,
                   shifts: bool = True) -> TeacherReadings:
     """Run ``teachers`` over ``images`` (and, with ``shifts``, their eight shifts), keeping
@@ -100,7 +100,7 @@ def read_teachers(teachers: Sequence[Teacher], pairs: Sequence[tuple[int, object
 
     def answer(batch: Tensor | ViewBatch) -> list[Tensor]:
         outputs = {i: teachers[i](batch) for i in dict.fromkeys(i for i, _ in pairs)}
-        return [outputs[i][task.name].float() for i, task in pairs]  # type: ignore[attr-defined]
+        return [outputs[i][task.name].float() for i, task in pairs]
 
     with head_inputs(teachers if shifts else []) as taps:
         for batch in images:

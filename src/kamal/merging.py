@@ -64,8 +64,7 @@ class LogitMerger(nn.Module):
         self.register_buffer("energy_mean", torch.zeros(len(teachers)))
         self.register_buffer("energy_std", torch.ones(len(teachers)))
         self.register_buffer("logit_scale", torch.ones(len(teachers)))
-        self.register_buffer("choice", torch.tensor(AUTO_CANDIDATES.index("learned")
-                                                    if mode == "learned" else 0))
+        self.register_buffer("choice", torch.tensor(0))  # auto's pick in AUTO_CANDIDATES
         self.gate = (LearnedGate(sum(len(task.classes) + 1 for _, task in self.classified),
                                  max(1, len(teachers))) if mode in ("learned", "auto") else None)
         #: what ``auto`` measured per candidate (view agreement on held-out images)

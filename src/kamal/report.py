@@ -61,7 +61,7 @@ def amalgamation_report(*, algorithm: Amalgamator, teachers: list[Teacher], stud
         report["measurements"] = measured
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     if eval_data is not None:
-        # the run's own merge (reported as "ensemble"), then the default and the naive one
+        # the run's own merge (reported as "ensemble"), then standardize and naive
         # the run's own merger, when the algorithm keeps one, is already calibrated on the
         # same images: reused, so a learned gate is not fitted (nine passes) a second time
         trained = algorithm.trainable_modules().get("merger")
