@@ -1,17 +1,30 @@
-"""Teacher-output cache: frozen teachers are a function of the input, so without random
-augmentation their outputs and tapped features are computed once and reused every epoch.
+"""Teacher-output cache: frozen teachers are a function of the input, so their outputs and
+tapped features on an image are computed once and reused every epoch.
 
-``memory`` keeps one ``(N, ...)`` tensor per output/feature in RAM; ``disk`` writes
-safetensors shards into the run folder and memory-maps them on read (reused by
-``--resume`` when the teachers, layers and data are unchanged). ``auto`` picks memory
-when the estimated size fits the budget, else disk, and is off with random augmentation.
+Without random augmentation a row is a transfer image. With stored views
+(``train.teacher_cache_views: K``, the idea of FKD, Shen & Xing, ECCV 2022) row ``i * K + k``
+is image ``i`` under its ``k``-th recorded random augmentation: each epoch the student reads
+one of them, re-created from its numbers, so its targets are exact and the augmentation real.
+
+Each teacher has its own **entry**, filled by running that teacher alone (peak memory: one
+teacher, not all of them) and addressed by its content: the sha256 of the teacher's weights,
+the pixels it reads (its view), the tapped layers, the data's fingerprint, the recorded
+augmentations and the stored precision. ``memory`` keeps each entry's ``(rows, ...)``
+tensors in RAM; ``disk`` writes them as safetensors shards under ``teacher_cache/<key>/``
+and memory-maps them, so a run (or ``--resume``) reuses exactly the entries whose key is
+unchanged and recomputes the rest, saying so in the log. ``auto`` picks memory when the
+estimated size fits the budget, else disk, and is off under random augmentation unless the
+views are stored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,126 +34,185 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_save_tensors
+from .data.base import tensor_digest
 from .errors import ConfigError
 
-# teacher index -> ({task: output}, {layer: feature}) for a batch of images
-TeacherFn = Callable[[Tensor], tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]]
+log = logging.getLogger(__name__)
+
+# one teacher's ({task: output}, {layer: feature}) for a batch of the rows it reads
+EntryFn = Callable[[Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]
 # numpy has no bfloat16: its bits are mapped as uint16 and viewed as bfloat16 by torch
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
+SHARD_ROWS = 4096
 
 
 def choose_mode(requested: str, augmented: bool, estimated_bytes: int, budget_bytes: int) -> str:
-    """Resolve ``auto`` and refuse a cache on randomly augmented data."""
+    """Resolve ``auto`` and refuse a cache of live augmented data (``augmented``: random
+    augmentation whose views are not stored)."""
     if requested != "off" and augmented:
         if requested == "auto":
             return "off"
         raise ConfigError(f"train.teacher_cache: '{requested}' needs transfer data without random "
-                          "augmentation (teacher outputs would change every epoch); set it to "
-                          "auto or off, or disable the augmentation")
+                          "augmentation (teacher outputs would change every epoch), or the "
+                          "augmented views stored (train.teacher_cache_views: K); set it to auto "
+                          "or off, or disable the augmentation")
     if requested == "auto":
         return "memory" if estimated_bytes <= budget_bytes else "disk"
     return requested
 
 
+@dataclass
+class CacheEntry:
+    """What one teacher's entry is computed from: ``rows`` (a dataset whose items are the
+    images that teacher reads, one per cache row) and ``run`` (that teacher alone on a batch
+    of them), addressed by ``key`` (:func:`entry_key`)."""
+
+    name: str
+    key: str
+    rows: Dataset
+    run: EntryFn
+
+
 class TeacherCache:
-    """Outputs and features of every teacher for every sample index of the transfer data,
-    stored in ``dtype`` (floating values; read back as float32)."""
+    """Outputs and features of every teacher for every row, stored in ``dtype`` (floating
+    values; read back as float32). ``views`` holds the recorded augmentations ``(N, K, P)``
+    when the rows are stored views."""
 
     def __init__(self, mode: str, folder: Path | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, views: Tensor | None = None) -> None:
         self.mode = mode
         self.folder = folder
         self.dtype = dtype
-        self._bfloat16: set[str] = set()  # disk keys whose uint16 bits are bfloat16
-        self.keys: list[str] = []
-        self.tensors: dict[str, Tensor] = {}  # memory mode: key -> (N, ...)
-        self._maps: dict[str, np.ndarray] = {}  # disk mode: key -> memmap (N, ...)
+        self.views = views
+        self.entries: list[dict[str, Any]] = []  # per teacher: key -> (rows, ...) tensor/memmap
+        self.bfloat16: list[set[str]] = []  # per teacher: disk keys whose uint16 bits are bf16
+        self.recomputed: list[str] = []  # teachers whose entry was computed by this run
+        self.reused: list[str] = []  # teachers whose entry was found on disk
 
     @property
     def nbytes(self) -> int:
         """Size of the cached values."""
-        if self.mode == "memory":
-            return sum(t.numel() * t.element_size() for t in self.tensors.values())
-        return sum(m.nbytes for m in self._maps.values())
+        return sum(int(v.nbytes) for entry in self.entries for v in entry.values())
 
-    def build(self, dataset: Dataset, run_teachers: TeacherFn, batch_size: int,
-              fingerprint: str) -> None:
-        """Compute every sample's teacher outputs once (or reuse a matching disk cache)."""
-        if self.mode == "disk" and self._load_disk(fingerprint):
-            return
-        chunks: dict[str, list[Tensor]] = {}
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        shard_rows, shards, start = 0, [], 0
+    def build(self, entries: Sequence[CacheEntry], batch_size: int) -> None:
+        """Fill each teacher's entry, one teacher at a time, or reuse it from disk when an
+        entry with the same key is there; entries of other keys are removed."""
         from .progress import track
 
-        for images in track(loader, f"filling the teacher cache ({self.mode})"):
-            flat = _flatten(*run_teachers(images))
-            for key, value in flat.items():
-                value = value.detach()
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-                chunks.setdefault(key, []).append(value.cpu())
-            # a batch is a tensor, or a tuple with one tensor per view
-            shard_rows += int((images if isinstance(images, Tensor) else images[0]).shape[0])
-            if self.mode == "disk" and shard_rows >= 4096:
-                shards.append(self._write_shard(len(shards), chunks, start))
-                start, shard_rows, chunks = start + shard_rows, 0, {}
-        if self.mode == "memory":
-            self.tensors = {k: torch.cat(v) for k, v in chunks.items()}
-            self.keys = list(self.tensors)
-            return
-        if chunks:
-            shards.append(self._write_shard(len(shards), chunks, start))
-        assert self.folder is not None
-        (self.folder / "index.json").write_text(json.dumps(
-            {"fingerprint": fingerprint, "shards": shards}))
-        self._load_disk(fingerprint)
+        for entry in entries:
+            folder = self.folder / entry.key if self.mode == "disk" and self.folder else None
+            found = _load_disk(folder) if folder is not None else None
+            if found is not None:
+                self.reused.append(entry.name)
+                self.entries.append(found[0])
+                self.bfloat16.append(found[1])
+                continue
+            loader = DataLoader(entry.rows, batch_size=batch_size, shuffle=False)
+            chunks = _Chunks(folder, self.dtype)
+            for images in track(loader, f"filling the teacher cache ({self.mode}): "
+                                        f"{entry.name}"):
+                chunks.add(_flatten(*entry.run(images)))
+            self.recomputed.append(entry.name)
+            if folder is None:
+                self.entries.append(chunks.tensors())
+                self.bfloat16.append(set())
+                continue
+            chunks.finish(entry.key)
+            found = _load_disk(folder)
+            assert found is not None
+            self.entries.append(found[0])
+            self.bfloat16.append(found[1])
+        if self.mode == "disk" and self.folder is not None:
+            keep = {entry.key for entry in entries}
+            for stale in self.folder.iterdir():
+                if stale.is_dir() and stale.name not in keep:
+                    shutil.rmtree(stale, ignore_errors=True)
+        if self.recomputed and self.reused:
+            log.info("teacher cache: recomputed %d of %d entries (%s: teacher, data or views "
+                     "changed), reused %d", len(self.recomputed), len(entries),
+                     ", ".join(self.recomputed), len(self.reused))
+        elif self.reused:
+            log.info("teacher cache: reused all %d entries from %s", len(entries), self.folder)
 
-    def lookup(self, indices: Tensor, device: torch.device
+    def lookup(self, rows: Tensor, device: torch.device
                ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
-        """Cached ``(outputs, features)`` per teacher for the samples ``indices``."""
-        idx = indices.cpu()
-        if self.mode == "memory":
-            flat = {k: v[idx].to(device, non_blocking=True) for k, v in self.tensors.items()}
-        else:
-            rows = idx.numpy()
-            flat = {k: _from_disk(np.ascontiguousarray(m[rows]), k in self._bfloat16).to(device)
-                    for k, m in self._maps.items()}
-        if self.dtype != torch.float32:
-            flat = {k: v.float() if v.is_floating_point() else v for k, v in flat.items()}
-        return _unflatten(flat)
+        """Cached ``(outputs, features)`` per teacher for the cache ``rows``."""
+        idx = rows.cpu()
+        outputs: list[dict[str, Tensor]] = []
+        features: list[dict[str, Tensor]] = []
+        for entry, bfloat16 in zip(self.entries, self.bfloat16, strict=True):
+            if self.mode == "memory":
+                flat = {k: v[idx].to(device, non_blocking=True) for k, v in entry.items()}
+            else:
+                picked = idx.numpy()
+                flat = {k: _from_disk(np.ascontiguousarray(m[picked]), k in bfloat16).to(device)
+                        for k, m in entry.items()}
+            if self.dtype != torch.float32:
+                flat = {k: v.float() if v.is_floating_point() else v for k, v in flat.items()}
+            out, feat = _unflatten(flat)
+            outputs.append(out)
+            features.append(feat)
+        return outputs, features
 
-    # --- disk shards -------------------------------------------------------------------
 
-    def _write_shard(self, number: int, chunks: dict[str, list[Tensor]], start: int) -> dict:
+class _Chunks:
+    """One entry's values as they are computed: in memory, or written in shards to disk."""
+
+    def __init__(self, folder: Path | None, dtype: torch.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        self.pending: dict[str, list[Tensor]] = {}
+        self.rows, self.start, self.shards = 0, 0, []  # type: ignore[var-annotated]
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # a half-written entry is never read
+            folder.mkdir(parents=True)
+
+    def add(self, flat: dict[str, Tensor]) -> None:
+        for key, value in flat.items():
+            value = value.detach()
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            self.pending.setdefault(key, []).append(value.cpu())
+        self.rows += int(next(iter(flat.values())).shape[0])
+        if self.folder is not None and self.rows >= SHARD_ROWS:
+            self._write()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: torch.cat(v) for k, v in self.pending.items()}
+
+    def finish(self, key: str) -> None:
+        """The last shard, then the index that marks the entry complete."""
         assert self.folder is not None
-        name = f"shard-{number:05d}.safetensors"
-        tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
-        atomic_save_tensors(self.folder / name, tensors)
-        rows = next(iter(tensors.values())).shape[0]
-        return {"file": name, "start": start, "rows": rows}
+        if self.pending:
+            self._write()
+        (self.folder / "index.json").write_text(json.dumps({"key": key, "shards": self.shards}))
 
-    def _load_disk(self, fingerprint: str) -> bool:
+    def _write(self) -> None:
         assert self.folder is not None
-        index_file = self.folder / "index.json"
-        if not index_file.exists():
-            return False
-        index = json.loads(index_file.read_text())
-        if index.get("fingerprint") != fingerprint:
-            return False
-        per_key: dict[str, list[np.ndarray]] = {}
-        for shard in index["shards"]:
-            arrays, bfloat16 = _memmap_safetensors(self.folder / shard["file"])
-            self._bfloat16 |= bfloat16
-            for key, array in arrays.items():
-                per_key.setdefault(key, []).append(array)
-        # one shard is the common case; several are concatenated lazily via an index
-        self._maps = {k: v[0] if len(v) == 1 else _Concat(v) for k, v in per_key.items()}
-        self.keys = list(self._maps)
-        return True
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        atomic_save_tensors(self.folder / name, {k: torch.cat(v).contiguous()
+                                                 for k, v in self.pending.items()})
+        self.shards.append({"file": name, "start": self.start, "rows": self.rows})
+        self.start, self.rows, self.pending = self.start + self.rows, 0, {}
+
+
+def _load_disk(folder: Path) -> tuple[dict[str, Any], set[str]] | None:
+    """A complete entry's memory-mapped values, or ``None`` (none there, or half-written)."""
+    index_file = folder / "index.json"
+    if not index_file.exists():
+        return None
+    index = json.loads(index_file.read_text())
+    per_key: dict[str, list[np.ndarray]] = {}
+    bfloat16: set[str] = set()
+    for shard in index["shards"]:
+        arrays, bf16 = _memmap_safetensors(folder / shard["file"])
+        bfloat16 |= bf16
+        for key, array in arrays.items():
+            per_key.setdefault(key, []).append(array)
+    # one shard is the common case; several are concatenated lazily via an index
+    return {k: v[0] if len(v) == 1 else _Concat(v) for k, v in per_key.items()}, bfloat16
 
 
 class _Concat:
@@ -184,30 +256,36 @@ def _memmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
     return arrays, bfloat16
 
 
-def _flatten(outputs: Sequence[dict[str, Tensor]], features: Sequence[dict[str, Tensor]]
-             ) -> dict[str, Tensor]:
-    flat = {}
-    for i, (out, feat) in enumerate(zip(outputs, features, strict=True)):
-        flat.update({f"{i}/out/{k}": v for k, v in out.items()})
-        flat.update({f"{i}/feat/{k}": v for k, v in feat.items()})
-    return flat
+def _flatten(outputs: dict[str, Tensor], features: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {**{f"out/{k}": v for k, v in outputs.items()},
+            **{f"feat/{k}": v for k, v in features.items()}}
 
 
-def _unflatten(flat: dict[str, Tensor]) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
-    count = 1 + max(int(k.split("/", 1)[0]) for k in flat)
-    outputs: list[dict[str, Tensor]] = [{} for _ in range(count)]
-    features: list[dict[str, Tensor]] = [{} for _ in range(count)]
+def _unflatten(flat: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    outputs: dict[str, Tensor] = {}
+    features: dict[str, Tensor] = {}
     for key, value in flat.items():
-        i, kind, name = key.split("/", 2)
-        (outputs if kind == "out" else features)[int(i)][name] = value
+        kind, name = key.split("/", 1)
+        (outputs if kind == "out" else features)[name] = value
     return outputs, features
 
 
-def fingerprint(teachers: Sequence[Any], layers: Sequence[Sequence[str]], dataset: Any,
-                data_config: str) -> str:
-    """Identifies what a disk cache holds: teacher weights, tapped layers, the data."""
-    parts = [t.source.get("sha256", t.name) for t in teachers]
-    parts += [repr(t.input_spec.view) for t in teachers]  # the pixels each teacher read
-    parts += [",".join(x) for x in layers]
-    parts += [data_config, str(len(dataset))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+def weights_digest(teacher: Any) -> str:
+    """sha256 of a teacher's weights: its source's digest of the weights file, else of its
+    parameters and buffers as loaded."""
+    known = getattr(teacher, "source", {}).get("sha256")
+    if known:
+        return str(known)
+    return hashlib.sha256("".join(f"{name}:{tensor_digest(value)}" for name, value in
+                                  teacher.model.state_dict().items()).encode()).hexdigest()
+
+
+def entry_key(teacher: Any, layers: Sequence[str], data: str, views: Tensor | None,
+              extra: str) -> str:
+    """The content address of one teacher's entry: its weights, the pixels it reads, the
+    tapped ``layers``, the ``data`` fingerprint, the recorded augmentations ``views`` and
+    ``extra`` (stored precision, output size, process shard)."""
+    parts = [weights_digest(teacher), repr(teacher.input_spec.view), ",".join(layers), data, extra]
+    if views is not None:
+        parts.append(tensor_digest(views))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]

@@ -186,9 +186,15 @@ class AmalgamationTrainConfig(TrainConfig):
     """The training loop of an amalgamation, and how its frozen teachers run."""
 
     teacher_cache: Literal["auto", "off", "memory", "disk"] = Field(
-        "auto", description="Compute teacher outputs once and reuse them (needs data without "
-        "random augmentation). auto: memory if it fits the budget, else disk; off with "
-        "augmentation.")
+        "auto", description="Compute teacher outputs once and reuse them (on randomly augmented "
+        "data only with teacher_cache_views). auto: memory if it fits the budget, else disk; "
+        "off with augmentation unless the views are stored.")
+    teacher_cache_views: int = Field(
+        0, ge=0, description="Stored augmented views per transfer image (FKD): K random "
+        "augmentations of each image are drawn once (from seed), the teachers' outputs on "
+        "exactly those images cached, and each epoch the student trains on one of them, "
+        "re-created from its recorded numbers. Needs randomly augmented transfer data (e.g. "
+        "data.transfer.options.augment: true). 0: no stored views.")
     teacher_cache_budget_mb: float = Field(2048, gt=0, description="Memory budget of "
                                            "teacher_cache: auto, in MiB.")
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -210,6 +216,14 @@ class AmalgamationTrainConfig(TrainConfig):
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _views_need_a_cache(self) -> AmalgamationTrainConfig:
+        if self.teacher_cache_views and self.teacher_cache == "off":
+            raise ValueError(f"teacher_cache_views: {self.teacher_cache_views} stores teacher "
+                             "outputs, but teacher_cache is off; set teacher_cache to auto, "
+                             "memory or disk, or teacher_cache_views to 0")
+        return self
 
     @field_validator("batch_teachers", "teacher_channels_last", mode="before")
     @classmethod

@@ -28,8 +28,6 @@ from .data.base import ImageDataset
 from .data.loading import loader_options, resolve_workers
 from .data.transforms import ViewBatch
 from .data.views import (
-    IndexedView,
-    UnlabeledView,
     ViewPlan,
     calibration_sample,
     check_data_matches,
@@ -60,6 +58,7 @@ from .step import (
     build_teacher_cache,
     calibration_batches,
     features_before_setup,
+    training_data,
 )
 from .teacher_loading import resolve_teacher
 
@@ -158,8 +157,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
 
     trainer = Trainer(
         modules={"student": student, **amalgamator.trainable_modules()},
-        dataset=(IndexedView(local, plan.views[plan.student:plan.student + 1]) if step.cache
-                 else UnlabeledView(local, plan.views)), step_fn=step,
+        dataset=training_data(local, plan, step.cache), step_fn=step,
         cfg=cfg.train, output_dir=out, device=device,
         evaluator=_evaluator(student, eval_data, device), objective=Objective.of(student),
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,

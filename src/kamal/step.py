@@ -20,13 +20,22 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .amalgamator import Amalgamator
-from .cache import STORED_DTYPES, TeacherCache, choose_mode, fingerprint
+from .cache import STORED_DTYPES, CacheEntry, TeacherCache, choose_mode, entry_key
 from .config import RunConfig
+from .data.augment import draw_views
 from .data.base import ImageDataset
 from .data.transforms import DENSE_KINDS, ViewBatch, model_input
-from .data.views import UnlabeledView, ViewPlan, image_batches
+from .data.views import (
+    IndexedView,
+    StoredViewRows,
+    StoredViewSamples,
+    UnlabeledView,
+    ViewPlan,
+    base_dataset,
+    image_batches,
+)
 from .engine import StepInfo
-from .errors import KamalError
+from .errors import ConfigError, KamalError
 from .features import FeatureTap
 from .interfaces import Batch, Student, Teacher
 from .teachers import Switch, TeacherOutputs, TeacherRunner
@@ -104,22 +113,31 @@ def build_batch(amalgamator: Amalgamator, images: Tensor | ViewBatch,
 
 def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: RunConfig,
                         out: Path, device: torch.device, local: Dataset) -> TeacherCache | None:
-    """The teacher-output cache the config asks for (``auto``: by size and augmentation).
+    """The teacher-output cache the config asks for (``auto``: by size and augmentation),
+    with ``train.teacher_cache_views`` recorded augmentations per image when set.
 
     ``local`` is this process's shard of ``transfer``: each process caches only its own.
     """
-    requested = cfg.train.teacher_cache
+    requested, per_image = cfg.train.teacher_cache, cfg.train.teacher_cache_views
     if requested == "off":
         return None
+    if per_image and not transfer.records_augmentation:
+        raise ConfigError(
+            f"train.teacher_cache_views: {per_image} stores randomly augmented views, but "
+            + ("the transfer data has no random augmentation; turn it on (e.g. "
+               "data.transfer.options.augment: true) or set teacher_cache_views to 0"
+               if not transfer.augmented else
+               f"the transfer data ({type(transfer).__name__}) cannot record its augmentation "
+               "(ImageDataset.draw_augmentation); set teacher_cache_views to 0"))
     assert step.plan is not None
-    views = step.plan.views
-    probe = step.plan.batch(next(iter(DataLoader(UnlabeledView(local, views), batch_size=8))))
+    plan = step.plan
+    probe = plan.batch(next(iter(DataLoader(UnlabeledView(local, plan.views), batch_size=8))))
     outputs, features = step.run_teachers(probe.to(device))
     stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
     per_sample = sum(v.numel() * (stored.itemsize if v.is_floating_point() else v.element_size())
                      for d in (*outputs, *features) for v in d.values()) / len(probe)
-    estimate = int(per_sample * len(local))  # type: ignore[arg-type]
-    mode = choose_mode(requested, transfer.augmented, estimate,
+    estimate = int(per_sample * len(local) * max(1, per_image))  # type: ignore[arg-type]
+    mode = choose_mode(requested, transfer.augmented and not per_image, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
     if mode == "off":
         return None
@@ -127,13 +145,42 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     if distributed.world_size() > 1:
         folder = folder / f"process{distributed.rank()}"
         shard = f"shard {distributed.rank()}/{distributed.world_size()} seed {cfg.train.seed}"
-    cache = TeacherCache(mode, folder, stored)
-    key = fingerprint(step.teachers, step.teacher_layers, local, cfg.data.transfer.model_dump_json()
-                      + shard + f" outputs at {tuple(step.student.input_spec.size)} as {stored}")
-    plan = step.plan
-    cache.build(UnlabeledView(local, views), lambda x: step.run_teachers(plan.batch(x).to(device)),
-                cfg.train.batch_size, key)
+    views = (draw_views(base_dataset(local).draw_augmentation, len(local),  # type: ignore[arg-type]
+                        per_image, cfg.train.seed + 7919 * (1 + distributed.rank()))
+             if per_image else None)
+    cache = TeacherCache(mode, folder, stored, views)
+    data = (transfer.fingerprint() or "") + cfg.data.transfer.model_dump_json() + shard
+    extra = f"outputs at {tuple(step.student.input_spec.size)} as {stored}"
+    entries = []
+    for i, (teacher, layers) in enumerate(zip(step.teachers, step.teacher_layers, strict=True)):
+        view = (plan.views[plan.teachers[i]],)
+        rows = (StoredViewRows(local, view, views) if views is not None
+                else UnlabeledView(local, view))
+        runner = TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
+                               step.student.input_spec.size)
+        entries.append(CacheEntry(teacher.name, entry_key(teacher, layers, data, views, extra),
+                                  rows, _single_teacher(runner, device)))
+    cache.build(entries, cfg.train.batch_size)
     return cache
+
+
+def _single_teacher(runner: TeacherRunner, device: torch.device):
+    """One teacher's ``(outputs, features)`` on a batch of the images it reads."""
+    def run(images: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        outputs, features = runner(images.to(device))
+        return outputs[0], features[0]
+    return run
+
+
+def training_data(local: Dataset, plan: ViewPlan, cache: TeacherCache | None) -> Dataset:
+    """What the engine iterates: the images through every view (teachers run live), or
+    ``(cache row, student image)`` pairs: one per image, or one of its stored views."""
+    student = plan.views[plan.student:plan.student + 1]
+    if cache is None:
+        return UnlabeledView(local, plan.views)
+    if cache.views is not None:
+        return StoredViewSamples(local, student, cache.views)
+    return IndexedView(local, student)
 
 
 def features_before_setup(amalgamator: Amalgamator) -> bool | None:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..plugins import get_registry
+from .augment import RandomShift
 
 
 class ImageDataset(Dataset):
@@ -47,6 +48,29 @@ class ImageDataset(Dataset):
         that cannot switch it off returns itself)."""
         return self
 
+    def fingerprint(self) -> str:
+        """A digest of the images (the teacher cache's key); empty when the dataset cannot
+        tell, then the config that built it stands in."""
+        return ""
+
+    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
+        """One random augmentation as the numbers that re-create it (a float64 vector),
+        drawn from ``generator`` or torch's global generator. A dataset whose augmentation
+        cannot be recorded leaves this unimplemented; stored views then refuse it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot record its augmentation")
+
+    def augmented_source(self, index: int, params: Tensor) -> tuple[Any, Any]:
+        """Sample ``index``'s ``(source image, label)`` under the augmentation ``params``
+        (:meth:`draw_augmentation`): the image before any model's view, bit-exact for equal
+        ``params``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot record its augmentation")
+
+    @property
+    def records_augmentation(self) -> bool:
+        """Whether items are randomly augmented by recordable draws (stored views work)."""
+        return self.augmented and (type(self).draw_augmentation
+                                   is not ImageDataset.draw_augmentation)
+
 
 class TensorImageDataset(ImageDataset):
     """Images held in memory as one tensor, with optional random-shift augmentation."""
@@ -55,6 +79,7 @@ class TensorImageDataset(ImageDataset):
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str] | None,
                  augment_shift: int = 0) -> None:
+        self._digest = ""
         self.images = images.float().contiguous()
         self.labels = labels.long()
         self.classes = None if classes is None else [str(c) for c in classes]
@@ -71,13 +96,32 @@ class TensorImageDataset(ImageDataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def fingerprint(self) -> str:
+        if not self._digest:  # the images do not change: hash them once
+            self._digest = tensor_digest(self.images)
+        return self._digest
+
+    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
+        return RandomShift(self.augment_shift).draw(generator)
+
+    def augmented_source(self, index: int, params: Tensor) -> tuple[Tensor, int]:
+        return RandomShift(self.augment_shift).apply(self.images[index], params), int(
+            self.labels[index])
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
         if self.augment_shift:
-            s = self.augment_shift
-            dx, dy = torch.randint(-s, s + 1, (2,)).tolist()
-            image = torch.roll(F.pad(image, (s, s, s, s)), (dy, dx), dims=(1, 2))[:, s:-s, s:-s]
-        return image, int(self.labels[index])
+            return self.augmented_source(index, self.draw_augmentation())
+        return self.images[index], int(self.labels[index])
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and bytes."""
+    import hashlib
+
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{tuple(tensor.shape)} {data.dtype}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 def resize(images: Tensor, size: int | Sequence[int]) -> Tensor:

@@ -4,12 +4,16 @@ DataLoader's workers), so memory does not grow with the number of images."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from .augment import RandomCropFlip
 from .base import ImageDataset
 from .transforms import ImageView
 
@@ -19,9 +23,12 @@ LABEL_MODES = ("none", "folders")
 
 class ImageFolderDataset(ImageDataset):
     """Images under ``root``, read on demand. With ``labels="folders"`` the first-level
-    subfolders are the classes (sorted names, as torchvision's ImageFolder)."""
+    subfolders are the classes (sorted names, as torchvision's ImageFolder). With
+    ``augmentation``, each read is a random crop (and flip) of the decoded image, which every
+    model then reads through its own view."""
 
-    def __init__(self, root: Path, size: int, channels: int, labels: str) -> None:
+    def __init__(self, root: Path, size: int, channels: int, labels: str,
+                 augmentation: RandomCropFlip | None = None) -> None:
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got '{labels}'")
         self.root, self.channels, self.size = root, channels, (size, size)
@@ -41,16 +48,49 @@ class ImageFolderDataset(ImageDataset):
 
         # the data's own view: the shorter side to ``size``, then the centre crop
         self.view = ImageView(channels, self.size)
+        self.augmentation = augmentation
+        self.augmented = augmentation is not None
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def source(self, index: int) -> tuple[Any, int]:
-        """The decoded image (a PIL image, before any model's view) and its label."""
+    def without_augmentation(self) -> ImageFolderDataset:
+        plain = copy.copy(self)
+        plain.augmentation, plain.augmented = None, False
+        return plain
+
+    def fingerprint(self) -> str:
+        """Each file's path (below the root), size and modification time."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            stat = file.stat()
+            digest.update(f"{file.relative_to(self.root)}|{stat.st_size}|{stat.st_mtime_ns}\n"
+                          .encode())
+        return digest.hexdigest()
+
+    def decoded(self, index: int) -> Any:
+        """The decoded image as stored (a PIL image)."""
         from PIL import Image
 
         with Image.open(self.files[index]) as file:
-            return file.convert("L" if self.channels == 1 else "RGB"), self.labels[index]
+            return file.convert("L" if self.channels == 1 else "RGB")
+
+    def source(self, index: int) -> tuple[Any, int]:
+        """The decoded image (a PIL image, before any model's view; randomly cropped when
+        augmented) and its label."""
+        if self.augmentation is not None:
+            return self.augmented_source(index, self.augmentation.draw())
+        return self.decoded(index), self.labels[index]
+
+    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
+        if self.augmentation is None:
+            raise NotImplementedError("this image folder is not augmented")
+        return self.augmentation.draw(generator)
+
+    def augmented_source(self, index: int, params: Tensor) -> tuple[Any, int]:
+        if self.augmentation is None:
+            raise NotImplementedError("this image folder is not augmented")
+        return self.augmentation.apply(self.decoded(index), params), self.labels[index]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.source(index)
@@ -58,17 +98,21 @@ class ImageFolderDataset(ImageDataset):
 
 
 def build_image_folder(split: str | None = None, root: str = "", size: int = 32,
-                       channels: int = 3, labels: str = "none") -> ImageFolderDataset:
+                       channels: int = 3, labels: str = "none", augment: bool = False,
+                       min_area: float = 0.25) -> ImageFolderDataset:
     """Images under ``root`` (recursively), the shorter side resized to ``size`` and centre
     cropped. ``labels: folders`` takes class subfolders as labels; ``split`` names a
-    subfolder of ``root`` (e.g. train/val) when it exists."""
+    subfolder of ``root`` (e.g. train/val) when it exists. ``augment`` reads each image as a
+    random crop of ``min_area`` to all of its area (aspect 3/4 to 4/3) and flips half of them
+    (torchvision's RandomResizedCrop and RandomHorizontalFlip, drawn as recordable numbers)."""
     folder = Path(root)
     if not root or not folder.is_dir():
         raise ValueError(f"root '{root}' is not a folder; set data.<section>.root to a folder "
                          "of images")
     if split and (folder / split).is_dir():
         folder = folder / split
-    return ImageFolderDataset(folder, size, channels, labels)
+    return ImageFolderDataset(folder, size, channels, labels,
+                              RandomCropFlip(min_area) if augment else None)
 
 
 class _TorchvisionAdapter(ImageDataset):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ImageDataset
+from .base import ImageDataset, tensor_digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEPTH_SUFFIXES = (".png", ".npy")
@@ -68,21 +68,35 @@ class PairedTransform:
         self.min_scale = min_scale
         self.flip = flip
 
-    def __call__(self, image: Tensor,
-                 targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def draw(self, size: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+        """``(flip, top, left, crop height, crop width)`` for images of ``size``."""
+        h, w = size
+        flip = bool(torch.rand((), generator=generator) < 0.5) if self.flip else False
+        top, left, ch, cw = 0, 0, h, w
+        if self.min_scale < 1:
+            scale = float(self.min_scale + (1 - self.min_scale) * torch.rand((), generator=generator))
+            ch, cw = max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
+            top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+            left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+        return torch.tensor([float(flip), top, left, ch, cw], dtype=torch.float64)
+
+    def apply(self, image: Tensor, targets: dict[str, Tensor],
+              params: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The flip and crop ``params`` (:meth:`draw`) applied to an image and its targets."""
+        flip, top, left, ch, cw = (int(v) for v in params.tolist())
         h, w = image.shape[-2:]
-        if self.flip and bool(torch.rand(()) < 0.5):
+        if flip:
             image = image.flip(-1)
             targets = {k: v.flip(-1) for k, v in targets.items()}
         if self.min_scale < 1:
-            scale = float(self.min_scale + (1 - self.min_scale) * torch.rand(()))
-            ch, cw = max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
-            top = int(torch.randint(0, h - ch + 1, ()))
-            left = int(torch.randint(0, w - cw + 1, ()))
             image = resize_image(image[..., top:top + ch, left:left + cw], (h, w))
             targets = {k: resize_nearest(v[..., top:top + ch, left:left + cw], (h, w))
                        for k, v in targets.items()}
         return image, targets
+
+    def __call__(self, image: Tensor,
+                 targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.apply(image, targets, self.draw(image.shape[-2:]))
 
 
 class PairedDataset(ImageDataset):
@@ -114,6 +128,7 @@ class PairedDataset(ImageDataset):
         self.size = (int(images.shape[2]), int(images.shape[3]))
         self.transform = transform
         self.augmented = transform is not None
+        self._digest = ""
 
     def without_augmentation(self) -> PairedDataset:
         plain = copy.copy(self)
@@ -123,15 +138,36 @@ class PairedDataset(ImageDataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def fingerprint(self) -> str:
+        if not self._digest:  # the images do not change: hash them once
+            self._digest = tensor_digest(self.images)
+        return self._digest
+
+    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
+        if self.transform is None:
+            raise NotImplementedError("this paired dataset is not augmented")
+        return self.transform.draw(self.size, generator)
+
+    def augmented_source(self, index: int,
+                         params: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.transform is None:
+            raise NotImplementedError("this paired dataset is not augmented")
+        return self._item(index, lambda image, targets: self.transform.apply(  # type: ignore[union-attr]
+            image, targets, params))
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._item(index, self.transform)
+
+    def _item(self, index: int, transform: Callable[[Tensor, dict[str, Tensor]], tuple[
+            Tensor, dict[str, Tensor]]] | None) -> tuple[Tensor, dict[str, Tensor]]:
         image = self.images[index].float() / 255.0
         targets: dict[str, Tensor] = {}
         if self.masks is not None:
             targets["segmentation"] = self.masks[index].long()
         if self.depths is not None:
             targets["depth"] = self.depths[index]
-        if self.transform is not None:
-            image, targets = self.transform(image, targets)
+        if transform is not None:
+            image, targets = transform(image, targets)
         if self.labels is not None:
             targets["classification"] = self.labels[index]
         return image, targets

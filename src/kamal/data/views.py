@@ -112,6 +112,41 @@ class IndexedView(SampleView):
         return index, self.pixels(index)
 
 
+class StoredViewRows(SampleView):
+    """Every recorded augmentation of every sample, through the views: row ``i * K + k`` is
+    sample ``i`` under ``params[i, k]`` (``params``: ``(N, K, P)``, see
+    :meth:`~kamal.data.base.ImageDataset.draw_augmentation`). The teacher cache fills from it."""
+
+    def __init__(self, dataset: Dataset, views: Sequence[ImageView], params: Tensor) -> None:
+        super().__init__(dataset, views)
+        self.params = params
+        self.per_sample = int(params.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.params.shape[0]) * self.per_sample
+
+    def view_of(self, index: int, k: int) -> Tensor | tuple[Tensor, ...]:
+        """Sample ``index`` under its ``k``-th recorded augmentation, through the views."""
+        image, _ = augmented_source_item(self.dataset, index, self.params[index, k])
+        return self.through_views(image)
+
+    def __getitem__(self, row: int) -> Tensor | tuple[Tensor, ...]:
+        return self.view_of(*divmod(row, self.per_sample))
+
+
+class StoredViewSamples(StoredViewRows):
+    """``(row, image)`` per sample: one of its recorded augmentations, picked at random each
+    time it is read (torch's global generator, which kamal seeds and checkpoints), re-created
+    from its numbers; ``row`` finds the teachers' cached outputs on exactly that image."""
+
+    def __len__(self) -> int:
+        return int(self.params.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | tuple[Tensor, ...]]:  # type: ignore[override]
+        k = int(torch.randint(self.per_sample, ()))
+        return index * self.per_sample + k, self.view_of(index, k)
+
+
 class LabelledView(SampleView):
     """``(image, label)`` items with the image through the views (for evaluation)."""
 
@@ -130,6 +165,22 @@ def source_item(dataset: Dataset, index: int) -> tuple[Any, Any]:
         dataset = dataset.dataset
     source = getattr(dataset, "source", None)
     return source(index) if source is not None else dataset[index]
+
+
+def augmented_source_item(dataset: Dataset, index: int, params: Tensor) -> tuple[Any, Any]:
+    """``(source image, label)`` of sample ``index`` under the recorded augmentation
+    ``params``, found through ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        index = dataset.indices[index]
+        dataset = dataset.dataset
+    return dataset.augmented_source(index, params)  # type: ignore[attr-defined]
+
+
+def base_dataset(dataset: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def source_image(dataset: Dataset, index: int) -> Any:

@@ -1,0 +1,207 @@
+"""Stored augmented views (train.teacher_cache_views, FKD) and the content-addressed cache:
+views re-created bit-exactly from their numbers, cached outputs equal to the teachers' own on
+those views, entries recomputed exactly when their teacher, data or views change, and the
+errors a user meets."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from kamal import ConfigError, Interrupted, load_model, load_teacher
+from kamal.cache import CacheEntry, TeacherCache, entry_key
+from kamal.data.augment import RandomCropFlip, draw_views
+from kamal.data.digits import build_digits
+from kamal.data.folders import build_image_folder
+from kamal.data.scenes import build_scenes
+from kamal.data.transforms import ImageView
+from kamal.data.views import StoredViewRows, StoredViewSamples
+from kamal.run import amalgamate
+from kamal.testing import write_run_config
+
+
+def _image_folder(tmp_path, count=6, augment=True):
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        h, w = 20 + 3 * i, 30 - 2 * i  # sizes differ: the crop numbers do not depend on them
+        pixels = torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"{i}.png")
+    return build_image_folder(root=str(tmp_path), size=16, augment=augment)
+
+
+def _datasets(tmp_path):
+    return {"digits": build_digits("transfer", augment=True, size=16),
+            "scenes": build_scenes("transfer", size=32, count=6, augment=True),
+            "image folder": _image_folder(tmp_path)}
+
+
+def test_a_stored_view_is_recreated_bit_exactly_from_its_numbers(tmp_path):
+    for name, dataset in _datasets(tmp_path).items():
+        view = ImageView(dataset.channels, (16, 16))
+        params = draw_views(dataset.draw_augmentation, 4, 3, seed=5)
+        assert params.shape[:2] == (4, 3) and params.dtype == torch.float64, name
+        again = draw_views(dataset.draw_augmentation, 4, 3, seed=5)
+        assert torch.equal(params, again), name  # the same seed draws the same views
+        rows = StoredViewRows(dataset, (view,), params)
+        first = [rows[r] for r in range(len(rows))]
+        assert all(torch.equal(a, b) for a, b in zip(first, [rows[r] for r in range(len(rows))],
+                                                     strict=True)), name
+        assert not all(torch.equal(first[0], x) for x in first[1:3]), name  # real augmentation
+        # a live read is exactly a draw from the global generator, then the same recreation
+        torch.manual_seed(11)
+        live = dataset.source(1)[0] if hasattr(dataset, "source") else dataset[1][0]
+        torch.manual_seed(11)
+        recreated = dataset.augmented_source(1, dataset.draw_augmentation())[0]
+        if isinstance(live, Image.Image):
+            live, recreated = view(live), view(recreated)
+        assert torch.equal(live, recreated), name
+
+
+def test_the_crop_box_fits_any_image_and_flips():
+    crop = RandomCropFlip(min_area=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        params = crop.draw(generator)
+        for width, height in ((7, 300), (300, 7), (64, 48)):
+            left, top, right, bottom = crop.box(params, width, height)
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    flips = [float(crop.draw(generator)[4]) for _ in range(400)]
+    assert 0.4 < sum(flips) / len(flips) < 0.6
+    with pytest.raises(ValueError, match="min_area"):
+        RandomCropFlip(min_area=0)
+
+
+def test_samples_pick_one_stored_view_at_random_and_name_its_row():
+    dataset = build_digits("transfer", augment=True)
+    params = draw_views(dataset.draw_augmentation, len(dataset), 4, seed=0)
+    view = ImageView(1, (8, 8))
+    samples, rows = StoredViewSamples(dataset, (view,), params), StoredViewRows(dataset, (view,),
+                                                                                 params)
+    assert len(samples) == len(dataset) and len(rows) == 4 * len(dataset)
+    torch.manual_seed(0)
+    picked = [samples[3] for _ in range(40)]
+    assert {row for row, _ in picked} == {12, 13, 14, 15}  # every view of sample 3, no other
+    assert all(torch.equal(image, rows[row]) for row, image in picked)
+
+
+def test_cached_outputs_on_stored_views_equal_the_teachers_own(tiny_teachers):
+    teacher = load_teacher("t", tiny_teachers[0])
+    dataset = build_digits("transfer", augment=True)
+    params = draw_views(dataset.draw_augmentation, len(dataset), 3, seed=0)
+    rows = StoredViewRows(dataset, (teacher.input_spec.view,), params)
+    cache = TeacherCache("memory", views=params)
+    cache.build([CacheEntry("t", "k", rows, lambda x: (teacher(x), {}))], batch_size=64)
+    picked = torch.tensor([0, 1, 2, 301, 3 * len(dataset) - 1])
+    outputs, _ = cache.lookup(picked, torch.device("cpu"))
+    with torch.no_grad():
+        live = teacher(torch.stack([rows[int(r)] for r in picked]))
+    for task, value in live.items():
+        torch.testing.assert_close(outputs[0][task], value, atol=1e-5, rtol=0)
+
+
+def test_entries_are_recomputed_exactly_when_their_key_changes(tmp_path, caplog):
+    values = torch.randn(12, 3)
+    folder = tmp_path / "cache"
+
+    def build(keys, scales):
+        cache = TeacherCache("disk", folder)
+        cache.build([CacheEntry(name, key, values, lambda x, s=s: ({"t": x * s}, {}))
+                     for (name, key), s in zip(keys, scales, strict=True)], batch_size=5)
+        return cache
+
+    first = build([("a", "ka"), ("b", "kb")], [1.0, 2.0])
+    assert first.recomputed == ["a", "b"] and first.reused == []
+    stamp = (folder / "ka" / "index.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="kamal.cache"):
+        second = build([("a", "ka"), ("b", "kb2")], [1.0, 3.0])  # b's teacher changed
+    assert second.recomputed == ["b"] and second.reused == ["a"]
+    assert "recomputed 1 of 2 entries (b" in caplog.text
+    assert (folder / "ka" / "index.json").stat().st_mtime_ns == stamp
+    assert not (folder / "kb").exists()  # the stale entry is gone
+    outputs, _ = second.lookup(torch.tensor([4, 11]), torch.device("cpu"))
+    torch.testing.assert_close(outputs[1]["t"], values[[4, 11]] * 3.0)
+    # a half-written entry (no index) is never read
+    (folder / "ka" / "index.json").unlink()
+    assert build([("a", "ka"), ("b", "kb2")], [1.0, 3.0]).recomputed == ["a"]
+
+
+def test_the_key_follows_weights_data_and_views(tiny_teachers):
+    teachers = [load_teacher(t.parent.name, t) for t in tiny_teachers]
+    views = torch.zeros(5, 2, 2, dtype=torch.float64)
+    base = entry_key(teachers[0], [], "data", views, "fp32")
+    assert entry_key(teachers[0], [], "data", views.clone(), "fp32") == base  # content, not identity
+    changed = {"weights": entry_key(teachers[1], [], "data", views, "fp32"),
+               "layers": entry_key(teachers[0], ["features"], "data", views, "fp32"),
+               "data": entry_key(teachers[0], [], "other data", views, "fp32"),
+               "views": entry_key(teachers[0], [], "data", views + 1, "fp32"),
+               "no views": entry_key(teachers[0], [], "data", None, "fp32"),
+               "precision": entry_key(teachers[0], [], "data", views, "fp16")}
+    assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
+    teachers[0].source.pop("sha256", None)  # no file digest: the loaded weights are hashed
+    unhashed = entry_key(teachers[0], [], "data", views, "fp32")
+    with torch.no_grad():
+        next(teachers[0].model.parameters()).add_(1e-3)
+    assert entry_key(teachers[0], [], "data", views, "fp32") != unhashed
+
+
+def test_data_fingerprints_see_the_images(tmp_path):
+    digits = build_digits("transfer")
+    assert digits.fingerprint() == build_digits("transfer").fingerprint()
+    assert digits.fingerprint() != build_digits("test").fingerprint()
+    folder = _image_folder(tmp_path, augment=False)
+    before = folder.fingerprint()
+    Image.new("RGB", (9, 9)).save(tmp_path / "new.png")
+    assert build_image_folder(root=str(tmp_path), size=16).fingerprint() != before
+
+
+def _views_config(tmp_path, tiny_teachers, name, views=3, augment=True, epochs=2, **train):
+    import yaml
+
+    path = write_run_config(tmp_path / f"{name}.yaml", tiny_teachers,
+                            {"name": "kd", "merge": "standardize"}, epochs=epochs)
+    data = yaml.safe_load(path.read_text())
+    data["data"]["transfer"]["augment"] = augment
+    data["train"].update({"teacher_cache_views": views, **train})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_run_on_stored_views_resumes_bit_exact_and_reuses_its_disk_entries(tmp_path,
+                                                                              tiny_teachers):
+    config = _views_config(tmp_path, tiny_teachers, "views", teacher_cache="disk")
+    full = amalgamate(config, tmp_path / "full", progress=False)
+    transfer = len(build_digits("transfer"))
+    assert full["teacher_cache"] == {"mode": "disk", "bytes": transfer * 3 * 2 * 5 * 4}
+    with pytest.raises(Interrupted):
+        amalgamate(config, tmp_path / "cut", progress=False, interrupt_after_steps=7)
+    shards = sorted((tmp_path / "cut" / "teacher_cache").glob("*/shard-*.safetensors"))
+    stamps = [shard.stat().st_mtime_ns for shard in shards]
+    amalgamate(config, tmp_path / "cut", progress=False, resume=True)
+    assert [shard.stat().st_mtime_ns for shard in shards] == stamps
+    weights = [load_model(tmp_path / run / "student").state_dict() for run in ("full", "cut")]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_stored_views_train_like_live_augmentation(tmp_path, tiny_teachers):
+    """The same augmentation, live or from four stored views per image: the students agree."""
+    live = amalgamate(_views_config(tmp_path, tiny_teachers, "live", views=0, epochs=10,
+                                    teacher_cache="off"), tmp_path / "live", progress=False)
+    stored = amalgamate(_views_config(tmp_path, tiny_teachers, "stored", views=4, epochs=10),
+                        tmp_path / "stored", progress=False)
+    assert stored["teacher_cache"]["mode"] == "memory"
+    top1 = [r["student"]["metrics"]["digits"]["top1"] for r in (live, stored)]
+    assert min(top1) > 0.5 and abs(top1[0] - top1[1]) <= 0.03, top1
+
+
+def test_stored_views_without_augmentation_say_what_to_change(tmp_path, tiny_teachers):
+    config = _views_config(tmp_path, tiny_teachers, "plain", augment=False)
+    with pytest.raises(ConfigError, match=r"teacher_cache_views: 3 .* no random augmentation; "
+                                          r"turn it on .*augment: true"):
+        amalgamate(config, tmp_path / "plain", progress=False)
+    config = _views_config(tmp_path, tiny_teachers, "off", teacher_cache="off")
+    with pytest.raises(ConfigError, match="teacher_cache_views: 3 .* teacher_cache is off"):
+        amalgamate(config, tmp_path / "off", progress=False)
