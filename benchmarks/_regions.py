@@ -195,6 +195,7 @@ RENDERERS["hub_formats"] = _stored("hub_formats", "hub_formats.py")
 RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
 RENDERERS["agglomerate"] = _stored("agglomerate", "agglomerate.py")
 RENDERERS["gating"] = _stored("gating", "gating.py")
+RENDERERS["stored_views"] = _stored("stored_views", "stored_views.py")
 RENDERERS["agglomerate_tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 

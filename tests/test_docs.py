@@ -134,3 +134,18 @@ def test_quality_floors_are_decided_by_the_measurements():
     assert quality.floors(committed) == committed["floors"]
     assert all(entry["met"] for entry in committed["floors"].values())
     assert set(committed["floors"]) == set(quality.FLOORS)  # every bundled algorithm measured
+
+
+def test_stored_view_verdicts_are_decided_by_the_measurements():
+    import stored_views
+
+    def runs(*top1, size=1000):
+        return [{"seed": i, "student": t, "cache_bytes": size} for i, t in enumerate(top1)]
+
+    checks = stored_views.verdicts({"live": runs(0.95, 0.93), "fp32": runs(0.93, 0.93),
+                                    "fp16": runs(0.93, 0.93, size=600)})
+    assert not checks["stored views within 0.5 point of live teachers"]["met"]  # 1 point
+    assert not checks["float16 cache smaller than float32"]["met"]  # 1.67x
+    assert checks["float16 cache within 0.3 point of float32"]["met"]
+    committed = _regions.load()["benchmarks"]["stored_views"]
+    assert stored_views.verdicts(committed["results"]) == committed["verdicts"]
