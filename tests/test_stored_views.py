@@ -6,12 +6,23 @@ errors a user meets."""
 from __future__ import annotations
 
 import logging
+import types
+from typing import Literal
 
 import pytest
 import torch
 from PIL import Image
+from pydantic import Field
 
-from kamal import ConfigError, Interrupted, load_model, load_teacher
+from kamal import (
+    Amalgamator,
+    AmalgamatorConfig,
+    ConfigError,
+    Interrupted,
+    KamalError,
+    load_model,
+    load_teacher,
+)
 from kamal.cache import CacheEntry, TeacherCache, entry_key
 from kamal.data.augment import RandomCropFlip, draw_views
 from kamal.data.digits import build_digits
@@ -19,6 +30,8 @@ from kamal.data.folders import build_image_folder
 from kamal.data.scenes import build_scenes
 from kamal.data.transforms import ImageView
 from kamal.data.views import StoredViewRows, StoredViewSamples
+from kamal.hookspecs import hookimpl
+from kamal.plugins import register_plugin, unregister_plugin
 from kamal.run import amalgamate
 from kamal.testing import write_run_config
 
@@ -205,3 +218,86 @@ def test_stored_views_without_augmentation_say_what_to_change(tmp_path, tiny_tea
     config = _views_config(tmp_path, tiny_teachers, "off", teacher_cache="off")
     with pytest.raises(ConfigError, match="teacher_cache_views: 3 .* teacher_cache is off"):
         amalgamate(config, tmp_path / "off", progress=False)
+
+
+class ProbeConfig(AmalgamatorConfig):
+    """Hyperparameters of the probing test algorithm."""
+
+    name: Literal["teacher-probe"] = "teacher-probe"
+    call_teacher: bool = Field(False, description="Run teacher 0 on each batch.")
+
+
+class TeacherProbe(Amalgamator):
+    """Plain KD that records how many teacher weights are held at each step."""
+
+    name = "teacher-probe"
+    Config = ProbeConfig
+    held: list[int] = []
+
+    def losses(self, batch):
+        TeacherProbe.held.append(sum(p.numel() for t in self.teachers for p in t.model.parameters()))
+        if self.config.call_teacher:
+            self.teachers[0](batch.images)
+        task = self.student.tasks[0]
+        merged = torch.cat([o[t.name] for o, teacher in zip(batch.teacher_outputs, self.teachers,
+                                                            strict=True) for t in teacher.tasks], 1)
+        return {"kd": task.distill_loss(batch.student_outputs[task.name], merged)}
+
+
+@pytest.fixture
+def probe_plugin():
+    plugin = types.SimpleNamespace(
+        register_amalgamators=hookimpl(lambda register: register("teacher-probe", TeacherProbe)))
+    register_plugin(plugin, "teacher-probe-test")
+    TeacherProbe.held = []
+    yield
+    unregister_plugin("teacher-probe-test")
+
+
+def test_teachers_are_released_while_the_student_trains_from_a_complete_cache(
+        tmp_path, tiny_teachers, probe_plugin):
+    full = sum(load_teacher("t", t).num_parameters() for t in tiny_teachers)
+    config = write_run_config(tmp_path / "p.yaml", tiny_teachers, {"name": "teacher-probe"}, epochs=1)
+    report = amalgamate(config, tmp_path / "released", progress=False)
+    assert TeacherProbe.held and set(TeacherProbe.held) == {0}  # no weight held in any step
+    assert [t["params"] for t in report["teachers"]] == [
+        load_teacher("t", t).num_parameters() for t in tiny_teachers]  # back for the report
+    assert next(iter(report["teachers"][0]["metrics"].values()))["top1"] > 0.9
+    TeacherProbe.held = []
+    amalgamate(config, tmp_path / "kept", progress=False, overrides=["train.release_teachers=false"])
+    assert set(TeacherProbe.held) == {full}
+    TeacherProbe.held = []
+    amalgamate(config, tmp_path / "live", progress=False, overrides=["train.teacher_cache=off"])
+    assert set(TeacherProbe.held) == {full}  # no cache: the teachers are needed
+
+
+def test_an_algorithm_that_runs_a_released_teacher_is_told_what_to_set(tmp_path, tiny_teachers,
+                                                                      probe_plugin):
+    config = write_run_config(tmp_path / "p.yaml", tiny_teachers,
+                              {"name": "teacher-probe", "call_teacher": True}, epochs=1)
+    with pytest.raises(KamalError, match="teacher 'tiny-small-cnn-0-4' was released .*"
+                                         "train.release_teachers: false"):
+        amalgamate(config, tmp_path / "run", progress=False)
+    amalgamate(config, tmp_path / "kept", progress=False, overrides=["train.release_teachers=false"])
+
+
+def test_a_released_teacher_comes_back_only_from_unchanged_files(tmp_path, tiny_teachers):
+    import shutil
+
+    from kamal.config import TeacherRef
+    from kamal.teacher_loading import reload_teacher, resolve_teacher
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_teachers[0], repo)
+    ref = TeacherRef(name="t", path=str(repo))
+    teacher = resolve_teacher(ref, tmp_path, 0)
+    images = build_digits("test").images[:8]
+    before = teacher(images)
+    teacher.release()
+    assert teacher.num_parameters() == 0 and teacher.tasks  # structure kept, weights gone
+    reload_teacher(ref, tmp_path, 0, teacher)
+    torch.testing.assert_close(teacher(images), before, atol=0, rtol=0)
+    teacher.release()
+    (repo / "model.safetensors").write_bytes((tiny_teachers[1] / "model.safetensors").read_bytes())
+    with pytest.raises(KamalError, match="teachers.0: the weights of 't' changed on disk"):
+        reload_teacher(ref, tmp_path, 0, teacher)

@@ -200,6 +200,11 @@ class AmalgamationTrainConfig(TrainConfig):
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Precision the teacher cache stores outputs and features in "
         "(float16/bfloat16: half the memory or disk; read back as float32).")
+    release_teachers: bool = Field(
+        True, description="Free the teachers' weights while the student trains when the "
+        "teacher cache holds everything they would compute (peak memory: the student and the "
+        "cache, not every teacher); they are loaded again, and checked against their sha256, "
+        "for the report.")
     batch_teachers: Literal["auto", "on", "off"] = Field(
         "auto", description="Run same-architecture teachers as one vmapped call over their "
         "stacked weights. auto: only on devices where it was measured faster (none yet: "

@@ -144,8 +144,12 @@ class Trainer:
                  resume: bool = False, progress: bool = True,
                  interrupt_after_steps: int | None = None, loggers: RunLoggers | None = None,
                  run_config: dict[str, Any] | None = None,
-                 loading: dict[str, Any] | None = None) -> None:
+                 loading: dict[str, Any] | None = None,
+                 during_fit: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+                 ) -> None:
         self.modules = modules
+        # entered around each stage's training (the run frees the teachers' weights there)
+        self.during_fit = during_fit or contextlib.nullcontext
         # DataLoader keywords for the training data (workers, pinned memory): see
         # kamal.data.loading.loader_options
         self.loading = dict(loading or {})
@@ -247,6 +251,11 @@ class Trainer:
         """Train one stage. ``parameters`` defaults to every trainable parameter."""
         if stage in self.completed_stages:
             return
+        with self.during_fit():
+            self._fit(stage, epochs, parameters, lr)
+
+    def _fit(self, stage: str, epochs: int | None, parameters: Iterable[nn.Parameter] | None,
+             lr: float | None) -> None:
         epochs = epochs or self.cfg.epochs
         params = [p for p in (parameters if parameters is not None else self._all_parameters())
                   if p.requires_grad]

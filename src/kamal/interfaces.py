@@ -15,10 +15,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from .errors import KamalError
 
 if TYPE_CHECKING:
     from .data.transforms import ImageView, ViewBatch
@@ -148,8 +151,6 @@ class Task(ABC):
         """Scalar loss of ``output`` against ground truth already passed through
         :meth:`map_targets` (used by ``kamal train``). Tasks that cannot be trained with labels
         keep this default."""
-        from .errors import KamalError
-
         raise KamalError(f"task kind '{self.kind}' has no supervised loss; kamal train cannot "
                          "train it")
 
@@ -228,7 +229,34 @@ class Teacher:
         known = self._known
         if known is not None and known[0] is images:  # computed before (the teacher cache)
             return known[1]
+        if self.released:
+            raise KamalError(f"teacher '{self.name}' was released while the student trains from "
+                             "the teacher cache; an algorithm that runs its teachers during "
+                             "training needs train.release_teachers: false")
         return self.model(model_input(self.model, images))
+
+    @property
+    def released(self) -> bool:
+        """Whether the weights were freed (:meth:`release`) and not restored yet."""
+        return getattr(self, "_released", False)
+
+    def release(self) -> None:
+        """Free the weights' memory, keeping the network's structure, tasks and input spec
+        (the teacher cache holds what the teacher would compute); :meth:`restore` brings
+        them back. Every parameter and buffer keeps its identity, so references held by
+        others (feature taps) stay valid."""
+        for tensor in chain(self.model.parameters(), self.model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self._released = True
+
+    def restore(self, loaded: nn.Module) -> None:
+        """Give the released weights back from ``loaded``, the same network loaded again."""
+        theirs = dict(chain(loaded.named_parameters(remove_duplicate=False),
+                            loaded.named_buffers(remove_duplicate=False)))
+        for name, tensor in chain(self.model.named_parameters(remove_duplicate=False),
+                                  self.model.named_buffers(remove_duplicate=False)):
+            tensor.data = theirs[name].data.to(tensor.device)
+        self._released = False
 
     def answer(self, images: Tensor | ViewBatch | None, outputs: dict[str, Tensor] | None) -> None:
         """Until called again, answer a call on exactly ``images`` (the same object) with

@@ -8,10 +8,12 @@ module only wires them together and writes the run's outputs.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ from .step import (
     features_before_setup,
     training_data,
 )
-from .teacher_loading import resolve_teacher
+from .teacher_loading import reload_teacher, resolve_teacher
 
 
 def amalgamate(config_path: str | Path, output: str | Path | None = None,
@@ -163,7 +165,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         resume=resume, progress=progress, interrupt_after_steps=interrupt_after_steps,
         loggers=loggers, run_config=resolved,
         loading=loader_options(resolve_workers(cfg.data.workers, transfer), device,
-                               transfer.augmented))
+                               transfer.augmented),
+        during_fit=lambda: teachers_released(teachers, step, cfg, base_dir))
     try:
         amalgamator.amalgamate(trainer)
         if not distributed.is_main_process():
@@ -174,6 +177,24 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
                        trainer, step, started)
     finally:
         loggers.close()
+
+
+@contextmanager
+def teachers_released(teachers: list[Teacher], step: AmalgamationStep, cfg: RunConfig,
+                      base_dir: Path) -> Iterator[None]:
+    """While the student trains from a complete teacher cache, the teachers' weights are
+    freed (``train.release_teachers``) and loaded again after it, for the report and for an
+    algorithm's own work after training."""
+    if not (cfg.train.release_teachers and step.cache is not None):
+        yield
+        return
+    step.runner.reset()  # its channels-last copies hold weights too
+    for teacher in teachers:
+        teacher.release()
+    gc.collect()
+    yield  # an interrupted or failed stage ends the run: nothing left to load them for
+    for index, (ref, teacher) in enumerate(zip(cfg.teachers, teachers, strict=True)):
+        reload_teacher(ref, base_dir, index, teacher)
 
 
 def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any,

@@ -51,6 +51,19 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
         raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None
 
 
+def reload_teacher(ref: TeacherRef, base_dir: Path, index: int, teacher: Teacher) -> None:
+    """Load a released teacher's weights again, from the same files (a Hub teacher at the
+    commit it was loaded at); files that changed since are an error, never silently used."""
+    if ref.hub is not None:
+        ref = ref.model_copy(update={"revision": teacher.source["revision"]})
+    loaded = resolve_teacher(ref, base_dir, index)
+    if loaded.source.get("sha256") != teacher.source.get("sha256"):
+        raise KamalError(f"teachers.{index}: the weights of '{teacher.name}' changed on disk "
+                         "during the run (sha256 differs); the report needs the teacher the "
+                         "student learned from: rerun, or set train.release_teachers: false")
+    teacher.restore(loaded.model)
+
+
 def rename_classes(model: Any, mapping: dict[str, str], key: str) -> None:
     """Rename the classes of ``model``'s named-class tasks in place (``{old: new}``); a name
     the model does not have, or a rename that makes two classes one, is an error."""

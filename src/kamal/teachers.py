@@ -182,8 +182,16 @@ class TeacherRunner:
         return {name: tasks[name].resize_output(value, self.output_size) if name in tasks
                 else value for name, value in outputs.items()}
 
+    def reset(self) -> None:
+        """Drop the plan and its private copies of weights (channels-last, stacked); the
+        next call plans again (:meth:`describe` still tells the last plan)."""
+        self.described = self.describe()
+        self.device, self.units = None, []
+
     def describe(self) -> dict[str, Any]:
         """How the teachers run (after the first call): vmapped groups, channels-last ones."""
+        if not self.units and getattr(self, "described", None):
+            return self.described
         return {"batched_groups": [u.names() for u in self.units if isinstance(u, _Group)],
                 "channels_last": [u.teacher.name for u in self.units
                                   if isinstance(u, _Single) and u.channels_last]}
