@@ -200,6 +200,14 @@ class AmalgamationTrainConfig(TrainConfig):
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Precision the teacher cache stores outputs and features in "
         "(float16/bfloat16: half the memory or disk; read back as float32).")
+    compile: bool = Field(
+        False, description="torch.compile the student's forward (where the device and a "
+        "compiler allow; otherwise, or when the algorithm taps student layers, the student "
+        "runs eagerly and the log says why). Pays on GPUs over long runs: the first steps "
+        "compile.")
+    student_channels_last: bool = Field(
+        False, description="Keep the student's weights and inputs in channels-last memory "
+        "format (faster convolutions on recent GPUs, bf16/fp16 above all).")
     release_teachers: bool = Field(
         True, description="Free the teachers' weights while the student trains when the "
         "teacher cache holds everything they would compute (peak memory: the student and the "

@@ -8,12 +8,10 @@ module only wires them together and writes the run's outputs.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +58,10 @@ from .step import (
     build_teacher_cache,
     calibration_batches,
     features_before_setup,
+    teachers_released,
     training_data,
 )
-from .teacher_loading import reload_teacher, resolve_teacher
+from .teacher_loading import resolve_teacher
 
 
 def amalgamate(config_path: str | Path, output: str | Path | None = None,
@@ -109,6 +108,8 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     amalgamator = cls(algo_cfg, teachers, StudentSpec(
         cfg.student.architecture, cfg.student.architecture_kwargs, cfg.student.task_names, spec))
     student = amalgamator.build_student().to(device)
+    if cfg.train.student_channels_last:
+        student.to(memory_format=torch.channels_last)  # 4-d weights only
     plan = ViewPlan.of(student.input_spec, [t.input_spec for t in teachers])
     check_views(plan, teachers, cls.name, cls.mixed_views, lambda: algorithms_with("mixed_views"))
     if eval_data is not None:  # a merged task must know every class; a teacher's own task not
@@ -131,7 +132,9 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     def new_step() -> AmalgamationStep:
         return AmalgamationStep(teachers, student, amalgamator, plan=plan,
                                 batch_teachers=cfg.train.batch_teachers,
-                                teacher_channels_last=cfg.train.teacher_channels_last)
+                                teacher_channels_last=cfg.train.teacher_channels_last,
+                                compile_student=cfg.train.compile,
+                                student_channels_last=cfg.train.student_channels_last)
 
     # One pass: an algorithm that taps no teacher layer can have the cache filled first and
     # calibrate on it (the teachers run over the transfer data once); else setup comes first
@@ -166,7 +169,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         loggers=loggers, run_config=resolved,
         loading=loader_options(resolve_workers(cfg.data.workers, transfer), device,
                                transfer.augmented),
-        during_fit=lambda: teachers_released(teachers, step, cfg, base_dir))
+        during_fit=lambda: teachers_released(step, cfg, base_dir))
     try:
         amalgamator.amalgamate(trainer)
         if not distributed.is_main_process():
@@ -177,24 +180,6 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
                        trainer, step, started)
     finally:
         loggers.close()
-
-
-@contextmanager
-def teachers_released(teachers: list[Teacher], step: AmalgamationStep, cfg: RunConfig,
-                      base_dir: Path) -> Iterator[None]:
-    """While the student trains from a complete teacher cache, the teachers' weights are
-    freed (``train.release_teachers``) and loaded again after it, for the report and for an
-    algorithm's own work after training."""
-    if not (cfg.train.release_teachers and step.cache is not None):
-        yield
-        return
-    step.runner.reset()  # its channels-last copies hold weights too
-    for teacher in teachers:
-        teacher.release()
-    gc.collect()
-    yield  # an interrupted or failed stage ends the run: nothing left to load them for
-    for index, (ref, teacher) in enumerate(zip(cfg.teachers, teachers, strict=True)):
-        reload_teacher(ref, base_dir, index, teacher)
 
 
 def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any,
@@ -214,6 +199,8 @@ def _finish(out: Path, student: Student, amalgamator: Amalgamator, algo_cfg: Any
         report["teacher_cache"] = ({"mode": step.cache.mode, "bytes": step.cache.nbytes}
                                    if step.cache else {"mode": "off", "bytes": 0})
         report["teacher_execution"] = step.runner.describe()
+        report["student_execution"] = {"compiled": step.forward.compiled,
+                                       "channels_last": step.forward.channels_last}
         report["timing"] = {"seconds_to_first_step": None if trainer.first_step_time is None
                             else round(trainer.first_step_time - started, 3)}
         provenance = {"algorithm": amalgamator.name, "hyperparameters": amalgamator.describe(),

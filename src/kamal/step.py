@@ -8,6 +8,7 @@ resulting :class:`~kamal.interfaces.Batch`.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from .engine import StepInfo
 from .errors import ConfigError, KamalError
 from .features import FeatureTap
 from .interfaces import Batch, Student, Teacher
+from .student_forward import StudentForward
+from .teacher_loading import reload_teacher
 from .teachers import Switch, TeacherOutputs, TeacherRunner
 
 
@@ -50,7 +53,8 @@ class AmalgamationStep:
     :class:`~kamal.cache.TeacherCache`, batches are ``(indices, student images)`` and the
     teachers are not run at all: their outputs come from the cache. ``batch_teachers`` and
     ``teacher_channels_last`` (``train.`` fields of the same names) choose how the teachers
-    run (:class:`~kamal.teachers.TeacherRunner`).
+    run (:class:`~kamal.teachers.TeacherRunner`); ``compile_student`` and
+    ``student_channels_last`` how the student does (:class:`~kamal.student_forward.StudentForward`).
     """
 
     teachers: list[Teacher]
@@ -60,6 +64,8 @@ class AmalgamationStep:
     batch_teachers: Switch = "auto"
     teacher_channels_last: Switch = "auto"
     plan: ViewPlan | None = None
+    compile_student: bool = False
+    student_channels_last: bool = False
 
     def __post_init__(self) -> None:
         request = self.amalgamator.feature_layers()
@@ -69,6 +75,8 @@ class AmalgamationStep:
                                              [t.input_spec for t in self.teachers])
         self.runner = TeacherRunner(self.teachers, self.teacher_layers, self.batch_teachers,
                                     self.teacher_channels_last, self.student.input_spec.size)
+        self.forward = StudentForward(self.student, self.compile_student,
+                                      self.student_channels_last, bool(self.student_layers))
 
     def run_teachers(self, images: Tensor | ViewBatch) -> TeacherOutputs:
         """Outputs and requested features of every teacher for ``images`` (no grad); dense
@@ -89,7 +97,7 @@ class AmalgamationStep:
         info = info or StepInfo("main", 0, 0)
         images = self.amalgamator.student_images(images, info.step)
         with FeatureTap(self.student.features, self.student_layers, "student") as tap:
-            student_outputs = self.student(images)
+            student_outputs = self.forward(images)
         return Batch(images, teacher_outputs, student_outputs, teacher_features, tap.features,
                      epoch=info.epoch, step=info.step)
 
@@ -181,6 +189,23 @@ def training_data(local: Dataset, plan: ViewPlan, cache: TeacherCache | None) ->
     if cache.views is not None:
         return StoredViewSamples(local, student, cache.views)
     return IndexedView(local, student)
+
+
+@contextmanager
+def teachers_released(step: AmalgamationStep, cfg: RunConfig, base_dir: Path) -> Iterator[None]:
+    """While the student trains from a complete teacher cache, the teachers' weights are
+    freed (``train.release_teachers``) and loaded again after it, for the report and for an
+    algorithm's own work after training."""
+    if not (cfg.train.release_teachers and step.cache is not None):
+        yield
+        return
+    step.runner.reset()  # its channels-last copies hold weights too
+    for teacher in step.teachers:
+        teacher.release()
+    gc.collect()
+    yield  # an interrupted or failed stage ends the run: nothing left to load them for
+    for index, (ref, teacher) in enumerate(zip(cfg.teachers, step.teachers, strict=True)):
+        reload_teacher(ref, base_dir, index, teacher)
 
 
 def features_before_setup(amalgamator: Amalgamator) -> bool | None:

@@ -1,0 +1,271 @@
+"""Training speed at real size: two ResNet-50 teachers at 224 px amalgamated into a
+ResNet-18 student, from a folder of JPEGs read with random crops and flips (issue 16).
+
+Variants, in this order, each timed by a clock at the start of every step (images/s from
+the median gap between consecutive steps of epochs 2+, epoch 1 warms up):
+
+* ``loader``: the DataLoader alone (decode, random crop, resize), no model: what the data
+  path can deliver;
+* ``student-only``: a hand-written loop training the student on the same batches against
+  fixed targets: the limit once teacher outputs are free;
+* ``plain``: a hand-written KD loop (teachers under no_grad, KL to their concatenated
+  log-probabilities, Adam);
+* ``kamal-off``: ``kamal amalgamate``, teachers live (``teacher_cache: off``);
+* ``kamal-views``: ``kamal amalgamate`` with ``teacher_cache_views: K`` (the teachers' outputs
+  on K stored views per image, filled before epoch 1).
+
+Every loop reads the same image folder through the same DataLoader settings (the workers
+``data.workers: auto`` picks). Verdicts come from the figures (interquartile bounds of each
+ratio, as benchmarks/speed.py): kamal-off >= 0.97x plain, kamal-views >= 0.9x
+student-only, loader >= 2x student-only.
+
+    python benchmarks/realistic.py [--images 160] [--batch 16] [--epochs 4] [--views 2]
+                                   [--device cpu] [--precision fp32] [--compile]
+                                   [--key realistic]
+
+On a GPU, benchmarks/gpu.sh runs it at batch 256 with bf16 and compile and writes the key
+"realistic_gpu". Writes its key of docs/benchmarks.json and its section of benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
+from speed import _step_seconds, verdict  # noqa: E402
+
+SIZE = 224
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TARGETS = {"kamal-off vs plain": ("kamal-off", "plain", 0.97),
+           "kamal-views vs student-only": ("kamal-views", "student-only", 0.9),
+           "loader vs student-only": ("loader", "student-only", 2.0)}
+
+
+def make_images(root: Path, count: int) -> None:
+    """JPEGs of 256x320 (and 320x256) with smooth content and fine noise, as photos decode."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        h, w = (256, 320) if i % 2 else (320, 256)
+        coarse = torch.rand(1, 3, h // 32, w // 32, generator=generator)
+        image = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+        image = (image + 0.08 * torch.randn(3, h, w, generator=generator)).clamp(0, 1)
+        pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(root / f"{i:05d}.jpg", quality=90)
+
+
+def make_teachers(folder: Path) -> list[Path]:
+    """Two random-weight ResNet-50 teachers (classes 0-4 / 5-9) at 224 px, as model repos."""
+    import torch
+
+    from kamal import ClassificationTask, InputSpec, KamalModel, save_model_repo
+
+    repos = []
+    for seed, classes in ((0, "01234"), (1, "56789")):
+        torch.manual_seed(seed)
+        model = KamalModel("resnet50", [ClassificationTask(f"t{seed}", list(classes))],
+                           InputSpec(3, (SIZE, SIZE), MEAN, STD, resize_to=(256,)))
+        repos.append(save_model_repo(model, folder / f"teacher{seed}"))
+    return repos
+
+
+def _data(folder: Path) -> dict[str, Any]:
+    return {"dataset": "image-folder", "root": str(folder / "images"), "size": SIZE,
+            "augment": True}
+
+
+def _loader(folder: Path, batch: int, device: Any) -> Any:
+    """The DataLoader every hand-written loop reads: the dataset and workers kamal uses."""
+    from torch.utils.data import DataLoader
+
+    from kamal.data.base import build_dataset
+    from kamal.data.loading import loader_options, resolve_workers
+
+    ref = _data(folder)
+    dataset = build_dataset(ref.pop("dataset"), None, ref)
+    options = loader_options(resolve_workers("auto", dataset), device, dataset.augmented)
+    return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, **options)
+
+
+def _hand_loop(args: argparse.Namespace, folder: Path, teachers: bool) -> list[float]:
+    """student-only (fixed targets) or plain KD (teachers live), step gaps of epochs 2+."""
+    import torch
+    import torch.nn.functional as F
+
+    from kamal import KamalModel, load_teacher
+    from kamal.models import merge_tasks
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    loaded = [load_teacher(p.name, p) for p in (folder / "teacher0", folder / "teacher1")]
+    models = [t.model.to(device) for t in loaded]
+    student = KamalModel("resnet18", merge_tasks(loaded), loaded[0].input_spec).to(device)
+    forward = torch.compile(student) if args.compile else student
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    fixed = torch.randn(args.batch, 10, device=device).log_softmax(1)
+    starts: list[tuple[int, float]] = []
+    for epoch in range(args.epochs):
+        for images, _ in _loader(folder, args.batch, device):
+            starts.append((epoch, time.perf_counter()))
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                if teachers:
+                    with torch.no_grad():
+                        target = torch.cat([m(images)[m.tasks[0].name].float().log_softmax(1)
+                                            for m in models], 1)
+                else:
+                    target = fixed
+                out = forward(images)[student.tasks[0].name].float()
+                loss = F.kl_div(out.log_softmax(1), target, reduction="batchmean",
+                                log_target=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    _sync(device)
+    return _step_seconds(starts)
+
+
+def _loader_only(args: argparse.Namespace, folder: Path) -> list[float]:
+    import torch
+
+    device = torch.device(args.device)
+    starts: list[tuple[int, float]] = []
+    for epoch in range(args.epochs):
+        for images, _ in _loader(folder, args.batch, device):
+            starts.append((epoch, time.perf_counter()))
+            images.to(device, non_blocking=True)
+    _sync(device)
+    return _step_seconds(starts)
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]:
+    from kamal import amalgamate
+    from kamal.step import AmalgamationStep
+
+    starts: list[tuple[int, float]] = []
+    original = AmalgamationStep.__call__
+
+    def timed(self: Any, data: Any, info: Any) -> Any:
+        starts.append((info.epoch, time.perf_counter()))
+        return original(self, data, info)
+
+    cache = {"teacher_cache": "memory", "teacher_cache_views": views} if views else {
+        "teacher_cache": "off"}
+    config = {
+        "teachers": [{"path": str(folder / "teacher0")}, {"path": str(folder / "teacher1")}],
+        "student": {"architecture": "resnet18"},
+        "algorithm": {"name": "kd", "merge": "standardize"},
+        "data": {"transfer": _data(folder)},
+        "train": {"epochs": args.epochs, "batch_size": args.batch, "device": args.device,
+                  "precision": args.precision, "compile": args.compile,
+                  "calibration_images": 2 * args.batch, "log_every": 1000, **cache}}
+    path = folder / f"kamal-{views}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    AmalgamationStep.__call__ = timed  # type: ignore[method-assign]
+    try:
+        started = time.perf_counter()
+        report = amalgamate(path, folder / f"run-{views}", progress=False)
+    finally:
+        AmalgamationStep.__call__ = original  # type: ignore[method-assign]
+    return {"steps": _step_seconds(starts), "cache_bytes": report["teacher_cache"]["bytes"],
+            "seconds_to_first_step": report["timing"]["seconds_to_first_step"],
+            "wall": round(time.perf_counter() - started, 1)}
+
+
+def measure(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for name, run in (("loader", lambda: {"steps": _loader_only(args, folder)}),
+                      ("student-only", lambda: {"steps": _hand_loop(args, folder, False)}),
+                      ("plain", lambda: {"steps": _hand_loop(args, folder, True)}),
+                      ("kamal-off", lambda: _kamal(args, folder, 0)),
+                      ("kamal-views", lambda: _kamal(args, folder, args.views))):
+        results[name] = run()
+        steps = results[name]["steps"]
+        print(f"{name}: {len(steps)} steps, median {statistics.median(steps):.3f} s", flush=True)
+    return results
+
+
+def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
+             checks: dict[str, dict[str, Any]], device: str) -> str:
+    def rate(name: str) -> float:
+        return args.batch / statistics.median(results[name]["steps"])
+
+    lines = [f"## Training at real size: two ResNet-50 teachers at 224 px ({device})", "",
+             f"{args.images} JPEGs (256x320) read with random crops and flips, batch "
+             f"{args.batch}, {args.precision}{', compiled student' if args.compile else ''}; "
+             f"ResNet-18 student, kd (`merge: standardize`); images/s from the median step "
+             f"gap of epochs 2-{args.epochs}.", "",
+             "| variant | images/s (median) | interquartile step s | steps | note |",
+             "|---|---|---|---|---|"]
+    notes = {"loader": "the data path alone (decode, crop, resize)",
+             "student-only": "the limit: student forward + backward, targets free",
+             "plain": "hand-written KD loop, teachers live",
+             "kamal-off": "kamal, teachers live",
+             "kamal-views": f"kamal, {args.views} stored views per image "
+                            f"({results['kamal-views'].get('cache_bytes', 0) / 2**20:.1f} MiB)"}
+    for name, result in results.items():
+        q = statistics.quantiles(result["steps"], n=4, method="inclusive")
+        lines.append(f"| {name} | {rate(name):.1f} | {q[0]:.3f}–{q[2]:.3f} | "
+                     f"{len(result['steps'])} | {notes[name]} |")
+    lines += ["", "| target | ratio (interquartile) | verdict |", "|---|---|---|"]
+    for label, check in checks.items():
+        lines.append(f"| {label} ≥ {check['target']}x | {check['low']:.2f}–{check['high']:.2f}x "
+                     f"| {check['verdict']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--key", default="realistic")
+    args = parser.parse_args()
+    import torch
+
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_images(folder / "images", args.images)
+        make_teachers(folder)
+        results = measure(args, folder)
+    checks = {}
+    for label, (variant, reference, target) in TARGETS.items():
+        word, low, high = verdict([args.batch / s for s in results[variant]["steps"]],
+                                  [args.batch / s for s in results[reference]["steps"]], target)
+        checks[label] = {"target": target, "low": low, "high": high, "verdict": word}
+    text = markdown(args, results, checks, device)
+    print(text)
+    _report.update(args.key, text, {"results": results, "verdicts": checks, "device": device,
+                                    "settings": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
