@@ -196,6 +196,9 @@ RENDERERS["teacher_load"] = _stored("teacher_load", "teacher_load.py")
 RENDERERS["agglomerate"] = _stored("agglomerate", "agglomerate.py")
 RENDERERS["gating"] = _stored("gating", "gating.py")
 RENDERERS["stored_views"] = _stored("stored_views", "stored_views.py")
+RENDERERS["teacher_memory"] = _stored("teacher_memory", "teacher_memory.py")
+RENDERERS["realistic"] = _stored("realistic", "realistic.py")
+RENDERERS["realistic_gpu"] = _stored("realistic_gpu", "realistic.py --key realistic_gpu (benchmarks/gpu.sh)")
 RENDERERS["agglomerate_tuning"] = _stored("agglomerate_tuning", "agglomerate.py --tuning")
 
 

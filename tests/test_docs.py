@@ -149,3 +149,16 @@ def test_stored_view_verdicts_are_decided_by_the_measurements():
     assert checks["float16 cache within 0.3 point of float32"]["met"]
     committed = _regions.load()["benchmarks"]["stored_views"]
     assert stored_views.verdicts(committed["results"]) == committed["verdicts"]
+
+
+def test_the_teacher_memory_verdict_is_decided_by_the_measurements():
+    import teacher_memory
+
+    mb = 2**20
+    runs = {"released": {"training_peak": 900 * mb, "ready": 500 * mb, "student_params": 0}}
+    assert not teacher_memory.memory_verdict(runs, [60 * mb])["met"]  # 400 MB > 360 MB
+    runs["released"]["training_peak"] = 850 * mb
+    assert teacher_memory.memory_verdict(runs, [60 * mb])["met"]
+    committed = _regions.load()["benchmarks"]["teacher_memory"]
+    assert teacher_memory.memory_verdict(committed["runs"], committed["teacher_bytes"]) \
+        == committed["verdict"]
