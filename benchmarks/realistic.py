@@ -19,7 +19,7 @@ Every loop reads the same image folder through the same DataLoader settings (the
 ratio, as benchmarks/speed.py): kamal-off >= 0.97x plain, kamal-views >= 0.9x
 student-only, loader >= 2x student-only.
 
-    python benchmarks/realistic.py [--images 160] [--batch 16] [--epochs 4] [--views 2]
+    python benchmarks/realistic.py [--images 320] [--batch 32] [--epochs 5] [--views 2]
                                    [--device cpu] [--precision fp32] [--compile]
                                    [--key realistic]
 
@@ -238,9 +238,9 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=160)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -301,3 +301,29 @@ def test_a_released_teacher_comes_back_only_from_unchanged_files(tmp_path, tiny_
     (repo / "model.safetensors").write_bytes((tiny_teachers[1] / "model.safetensors").read_bytes())
     with pytest.raises(KamalError, match="teachers.0: the weights of 't' changed on disk"):
         reload_teacher(ref, tmp_path, 0, teacher)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_top_k_cache_keeps_the_top_probabilities_and_the_tail_mass(tmp_path, mode):
+    logits = torch.randn(40, 100) * 3
+    features = torch.randn(40, 100)  # not class logits: stored whole
+    cache = TeacherCache(mode, tmp_path / "cache", torch.float16, topk=5)
+    cache.build([CacheEntry("t", "k", logits, lambda x: ({"cls": x}, {"f": features[:len(x)]}),
+                            frozenset({"cls"}))], batch_size=40)
+    full = TeacherCache("memory", dtype=torch.float16)
+    full.build([CacheEntry("t", "k", logits, lambda x: ({"cls": x}, {"f": features[:len(x)]}))],
+               batch_size=40)
+    whole = features.numel() * 2
+    assert (full.nbytes - whole) / (cache.nbytes - whole) > 8  # 100 fp16 vs 5 + 5 int16 + fp32
+    rows = torch.tensor([3, 17, 39])
+    (out,), (feat,) = cache.lookup(rows, torch.device("cpu"))
+    original = logits[rows].softmax(1)
+    restored = out["cls"].softmax(1)
+    top = original.topk(5, dim=1)
+    # as exact as float16 logits allow (11 bits: under 1% of each probability)
+    torch.testing.assert_close(restored.gather(1, top.indices), top.values, atol=1e-4, rtol=1e-2)
+    tail = 1 - top.values.sum(1)
+    torch.testing.assert_close(1 - restored.gather(1, top.indices).sum(1), tail, atol=1e-3,
+                               rtol=1e-2)
+    assert out["cls"].shape == (3, 100) and torch.equal(out["cls"].argmax(1), logits[rows].argmax(1))
+    torch.testing.assert_close(feat["f"], features[rows].half().float())

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 EntryFn = Callable[[Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]]
 # numpy has no bfloat16: its bits are mapped as uint16 and viewed as bfloat16 by torch
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_}
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "BOOL": np.bool_}
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
 SHARD_ROWS = 4096
@@ -74,6 +74,7 @@ class CacheEntry:
     key: str
     rows: Dataset
     run: EntryFn
+    logits: frozenset[str] = frozenset()  # outputs that are class logits (top-k may apply)
 
 
 class TeacherCache:
@@ -82,11 +83,13 @@ class TeacherCache:
     when the rows are stored views."""
 
     def __init__(self, mode: str, folder: Path | None = None,
-                 dtype: torch.dtype = torch.float32, views: Tensor | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, views: Tensor | None = None,
+                 topk: int = 0) -> None:
         self.mode = mode
         self.folder = folder
         self.dtype = dtype
         self.views = views
+        self.topk = topk  # keep only the k largest of each row of class logits (0: all)
         self.entries: list[dict[str, Any]] = []  # per teacher: key -> (rows, ...) tensor/memmap
         self.bfloat16: list[set[str]] = []  # per teacher: disk keys whose uint16 bits are bf16
         self.recomputed: list[str] = []  # teachers whose entry was computed by this run
@@ -97,9 +100,10 @@ class TeacherCache:
         """Size of the cached values."""
         return sum(int(v.nbytes) for entry in self.entries for v in entry.values())
 
-    def build(self, entries: Sequence[CacheEntry], batch_size: int) -> None:
-        """Fill each teacher's entry, one teacher at a time, or reuse it from disk when an
-        entry with the same key is there; entries of other keys are removed."""
+    def build(self, entries: Sequence[CacheEntry], batch_size: int, workers: int = 0) -> None:
+        """Fill each teacher's entry, one teacher at a time (``workers`` DataLoader processes
+        decode its images), or reuse it from disk when an entry with the same key is there;
+        entries of other keys are removed."""
         from .progress import track
 
         for entry in entries:
@@ -110,11 +114,12 @@ class TeacherCache:
                 self.entries.append(found[0])
                 self.bfloat16.append(found[1])
                 continue
-            loader = DataLoader(entry.rows, batch_size=batch_size, shuffle=False)
+            loader = DataLoader(entry.rows, batch_size=batch_size, shuffle=False,
+                                num_workers=workers)
             chunks = _Chunks(folder, self.dtype)
             for images in track(loader, f"filling the teacher cache ({self.mode}): "
                                         f"{entry.name}"):
-                chunks.add(_flatten(*entry.run(images)))
+                chunks.add(keep_topk(_flatten(*entry.run(images)), entry.logits, self.topk))
             self.recomputed.append(entry.name)
             if folder is None:
                 self.entries.append(chunks.tensors())
@@ -152,7 +157,7 @@ class TeacherCache:
                         for k, m in entry.items()}
             if self.dtype != torch.float32:
                 flat = {k: v.float() if v.is_floating_point() else v for k, v in flat.items()}
-            out, feat = _unflatten(flat)
+            out, feat = _unflatten(expand_topk(flat))
             outputs.append(out)
             features.append(feat)
         return outputs, features
@@ -172,7 +177,7 @@ class _Chunks:
     def add(self, flat: dict[str, Tensor]) -> None:
         for key, value in flat.items():
             value = value.detach()
-            if value.is_floating_point():
+            if value.is_floating_point() and not key.endswith("/lse"):  # top-k's stays fp32
                 value = value.to(self.dtype)
             self.pending.setdefault(key, []).append(value.cpu())
         self.rows += int(next(iter(flat.values())).shape[0])
@@ -254,6 +259,46 @@ def _memmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
         arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=base + begin,
                                 shape=tuple(info["shape"]))
     return arrays, bfloat16
+
+
+def keep_topk(flat: dict[str, Tensor], logits: frozenset[str], k: int) -> dict[str, Tensor]:
+    """Rows of class logits (outputs named in ``logits`` with more than ``k`` classes) as
+    their ``k`` largest values, those classes and the row's log-sum-exp, under
+    ``topk<C>/<name>/...`` (FuseLLM keeps top-k distributions the same way)."""
+    if not k:
+        return flat
+    kept: dict[str, Tensor] = {}
+    for key, value in flat.items():
+        name = key.split("/", 1)[1]
+        if key.startswith("out/") and name in logits and value.dim() == 2 and value.shape[1] > k:
+            classes = int(value.shape[1])
+            top = value.float().topk(k, dim=1)
+            index_dtype = torch.int16 if classes <= 2**15 else torch.int32
+            prefix = f"topk{classes}/{name}"
+            kept[f"{prefix}/values"] = top.values
+            kept[f"{prefix}/indices"] = top.indices.to(index_dtype)
+            kept[f"{prefix}/lse"] = value.float().logsumexp(1, keepdim=True)
+        else:
+            kept[key] = value
+    return kept
+
+
+def expand_topk(flat: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Full rows of logits from :func:`keep_topk`'s: the kept classes at their values, every
+    other class at the value that spreads the rest of the probability evenly, so the kept
+    classes' probabilities and the row's log-sum-exp are exactly the teacher's."""
+    full = {k: v for k, v in flat.items() if not k.startswith("topk")}
+    for key in flat:
+        if not (key.startswith("topk") and key.endswith("/values")):
+            continue
+        prefix = key[:-len("/values")]
+        classes, name = int(prefix.split("/", 1)[0][4:]), prefix.split("/", 1)[1]
+        values, lse = flat[key].float(), flat[f"{prefix}/lse"].float()
+        kept_mass = (values - lse).exp().sum(1, keepdim=True)
+        rest = (1 - kept_mass).clamp_min(1e-30) / (classes - values.shape[1])
+        row = (lse + rest.log()).expand(-1, classes).clone()
+        full[f"out/{name}"] = row.scatter_(1, flat[f"{prefix}/indices"].long(), values)
+    return full
 
 
 def _flatten(outputs: dict[str, Tensor], features: dict[str, Tensor]) -> dict[str, Tensor]:

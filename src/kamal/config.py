@@ -213,6 +213,11 @@ class AmalgamationTrainConfig(TrainConfig):
         "teacher cache holds everything they would compute (peak memory: the student and the "
         "cache, not every teacher); they are loaded again, and checked against their sha256, "
         "for the report.")
+    teacher_cache_topk: int = Field(
+        0, ge=0, description="Keep only the k largest logits of each cached row of class "
+        "logits, with the row's log-sum-exp (for many classes: the cache shrinks by about "
+        "classes / (1.5 k)); the kept classes' probabilities are exact, the rest share the "
+        "remaining probability evenly. 0: every logit.")
     batch_teachers: Literal["auto", "on", "off"] = Field(
         "auto", description="Run same-architecture teachers as one vmapped call over their "
         "stacked weights. auto: only on devices where it was measured faster (none yet: "

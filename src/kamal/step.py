@@ -26,6 +26,7 @@ from .cache import STORED_DTYPES, CacheEntry, TeacherCache, choose_mode, entry_k
 from .config import RunConfig
 from .data.augment import draw_views
 from .data.base import ImageDataset
+from .data.loading import resolve_workers
 from .data.transforms import DENSE_KINDS, ViewBatch, model_input
 from .data.views import (
     IndexedView,
@@ -157,9 +158,10 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     views = (draw_views(base_dataset(local).draw_augmentation, len(local),  # type: ignore[arg-type]
                         per_image, cfg.train.seed + 7919 * (1 + distributed.rank()))
              if per_image else None)
-    cache = TeacherCache(mode, folder, stored, views)
+    cache = TeacherCache(mode, folder, stored, views, cfg.train.teacher_cache_topk)
     data = (transfer.fingerprint() or "") + cfg.data.transfer.model_dump_json() + shard
-    extra = f"outputs at {tuple(step.student.input_spec.size)} as {stored}"
+    extra = (f"outputs at {tuple(step.student.input_spec.size)} as {stored}, "
+             f"top {cfg.train.teacher_cache_topk}")
     entries = []
     for i, (teacher, layers) in enumerate(zip(step.teachers, step.teacher_layers, strict=True)):
         view = (plan.views[plan.teachers[i]],)
@@ -167,9 +169,10 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
                 else UnlabeledView(local, view))
         runner = TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
                                step.student.input_spec.size)
+        logits = frozenset(t.name for t in teacher.tasks if t.kind == "classification")
         entries.append(CacheEntry(teacher.name, entry_key(teacher, layers, data, views, extra),
-                                  rows, _single_teacher(runner, device)))
-    cache.build(entries, cfg.train.batch_size)
+                                  rows, _single_teacher(runner, device), logits))
+    cache.build(entries, cfg.train.batch_size, resolve_workers(cfg.data.workers, transfer))
     return cache
 
 
