@@ -206,6 +206,16 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]
     return results
 
 
+def verdicts(results: dict[str, dict[str, Any]], batch: int) -> dict[str, dict[str, Any]]:
+    """Each target of ``TARGETS`` decided by the step times (images/s = batch / step)."""
+    checks = {}
+    for label, (variant, reference, target) in TARGETS.items():
+        word, low, high = verdict([batch / s for s in results[variant]["steps"]],
+                                  [batch / s for s in results[reference]["steps"]], target)
+        checks[label] = {"target": target, "low": low, "high": high, "verdict": word}
+    return checks
+
+
 def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
              checks: dict[str, dict[str, Any]], device: str) -> str:
     def rate(name: str) -> float:
@@ -256,11 +266,7 @@ def main() -> None:
         make_images(folder / "images", args.images)
         make_teachers(folder)
         results = measure(args, folder)
-    checks = {}
-    for label, (variant, reference, target) in TARGETS.items():
-        word, low, high = verdict([args.batch / s for s in results[variant]["steps"]],
-                                  [args.batch / s for s in results[reference]["steps"]], target)
-        checks[label] = {"target": target, "low": low, "high": high, "verdict": word}
+    checks = verdicts(results, args.batch)
     text = markdown(args, results, checks, device)
     print(text)
     _report.update(args.key, text, {"results": results, "verdicts": checks, "device": device,

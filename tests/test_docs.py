@@ -162,3 +162,22 @@ def test_the_teacher_memory_verdict_is_decided_by_the_measurements():
     committed = _regions.load()["benchmarks"]["teacher_memory"]
     assert teacher_memory.memory_verdict(committed["runs"], committed["teacher_bytes"]) \
         == committed["verdict"]
+
+
+def test_real_size_example_and_cfl_verdicts_are_decided_by_the_measurements():
+    import example_runs as examples
+    import realistic
+    import speed
+
+    stored = _regions.load()["benchmarks"]
+    realistic_run = stored["realistic"]
+    assert realistic.verdicts(realistic_run["results"], realistic_run["settings"]["batch"]) \
+        == realistic_run["verdicts"]
+    assert examples.within_limit(stored["examples"]["results"]) == stored["examples"]["met"]
+    assert examples.within_limit({"a": {"seconds": 10}}) and not examples.within_limit(
+        {"a": {"seconds": 10}, "b": {"seconds": examples.LIMIT_S + 1}})
+    steps = stored["cfl_speed"]["steps"]
+    reference = [32 / s for s in next(iter(steps.values()))]
+    for label, check in stored["cfl_speed"]["verdicts"].items():
+        word, low, high = speed.verdict([32 / s for s in steps[label]], reference, 1.0)
+        assert (word, low, high) == (check["verdict"], check["low"], check["high"])

@@ -5,7 +5,7 @@ issue 16's target of at most ``LIMIT_S`` seconds each. Each example's headline f
 (the student's top-1 or mIoU on its eval data) is recorded beside its time; the quality of
 each is documented and checked by benchmarks/quality.py.
 
-    python benchmarks/examples.py
+    python benchmarks/example_runs.py
 
 Writes the "examples" key of docs/benchmarks.json and its section of docs/benchmarks.md.
 """
@@ -57,6 +57,11 @@ def run(config: Path, out: Path) -> dict[str, Any]:
     return {"seconds": round(seconds, 1), "headline": headline(report)}
 
 
+def within_limit(results: dict[str, dict[str, Any]]) -> bool:
+    """Whether every example finished within ``LIMIT_S``."""
+    return all(r["seconds"] <= LIMIT_S for r in results.values())
+
+
 def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +70,7 @@ def main() -> None:
             results[name] = run(config, Path(tmp) / config.parent.name / config.stem)
             print(f"{name}: {results[name]['seconds']} s, {results[name]['headline']}", flush=True)
     slowest = max(results, key=lambda name: results[name]["seconds"])
-    met = all(r["seconds"] <= LIMIT_S for r in results.values())
+    met = within_limit(results)
     lines = ["## Every bundled example, end to end", "",
              "`kamal amalgamate <config>` in a fresh process, one after another; the time "
              "includes imports, teacher loading, calibration, training and the report.", "",
