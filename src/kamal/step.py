@@ -143,6 +143,7 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     plan = step.plan
     probe = plan.batch(next(iter(DataLoader(UnlabeledView(local, plan.views), batch_size=8))))
     outputs, features = step.run_teachers(probe.to(device))
+    step.runner.reset()  # the probe's channels-last copies: the fill makes one at a time
     stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
     per_sample = sum(v.numel() * (stored.itemsize if v.is_floating_point() else v.element_size())
                      for d in (*outputs, *features) for v in d.values()) / len(probe)
@@ -159,7 +160,7 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
                         per_image, cfg.train.seed + 7919 * (1 + distributed.rank()))
              if per_image else None)
     cache = TeacherCache(mode, folder, stored, views, cfg.train.teacher_cache_topk)
-    data = (transfer.fingerprint() or "") + cfg.data.transfer.model_dump_json() + shard
+    data = transfer.fingerprint() + cfg.data.transfer.model_dump_json() + shard
     extra = (f"outputs at {tuple(step.student.input_spec.size)} as {stored}, "
              f"top {cfg.train.teacher_cache_topk}")
     entries = []
