@@ -204,6 +204,7 @@ class Teacher:
         self.model = model.eval().requires_grad_(False)
         self.source = dict(source or {})
         self._known: tuple[Tensor | ViewBatch, dict[str, Tensor]] | None = None
+        self._released = False
 
     @property
     def tasks(self) -> list[Task]:
@@ -238,7 +239,7 @@ class Teacher:
     @property
     def released(self) -> bool:
         """Whether the weights were freed (:meth:`release`) and not restored yet."""
-        return getattr(self, "_released", False)
+        return self._released
 
     def release(self) -> None:
         """Free the weights' memory, keeping the network's structure, tasks and input spec

@@ -160,9 +160,7 @@ class LabelledView(SampleView):
 def source_item(dataset: Dataset, index: int) -> tuple[Any, Any]:
     """``(source image, label)`` of sample ``index``: the image before any model's view
     (a PIL image for files), found through ``Subset`` wrappers."""
-    while isinstance(dataset, Subset):
-        index = dataset.indices[index]
-        dataset = dataset.dataset
+    dataset, index = _unwrapped(dataset, index)
     source = getattr(dataset, "source", None)
     return source(index) if source is not None else dataset[index]
 
@@ -170,9 +168,7 @@ def source_item(dataset: Dataset, index: int) -> tuple[Any, Any]:
 def augmented_source_item(dataset: Dataset, index: int, params: Tensor) -> tuple[Any, Any]:
     """``(source image, label)`` of sample ``index`` under the recorded augmentation
     ``params``, found through ``Subset`` wrappers."""
-    while isinstance(dataset, Subset):
-        index = dataset.indices[index]
-        dataset = dataset.dataset
+    dataset, index = _unwrapped(dataset, index)
     return dataset.augmented_source(index, params)  # type: ignore[attr-defined]
 
 
@@ -181,6 +177,14 @@ def base_dataset(dataset: Dataset) -> Dataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
+
+
+def _unwrapped(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    """The dataset under any ``Subset`` wrappers, and ``index`` in it."""
+    while isinstance(dataset, Subset):
+        index = dataset.indices[index]
+        dataset = dataset.dataset
+    return dataset, index
 
 
 def source_image(dataset: Dataset, index: int) -> Any:
