@@ -333,3 +333,17 @@ def test_a_top_k_cache_keeps_the_top_probabilities_and_the_tail_mass(tmp_path, m
                                1 - top.values.sum(1), atol=atol, rtol=0)  # the tail's mass
     assert out["cls"].shape == (3, 100) and torch.equal(out["cls"].argmax(1), logits[rows].argmax(1))
     torch.testing.assert_close(feat["f"], features[rows].to(dtype).float())
+
+
+def test_a_run_with_a_top_k_cache_stores_k_logits_per_row_and_trains(tmp_path, tiny_teachers):
+    config = write_run_config(tmp_path / "kd.yaml", tiny_teachers,
+                              {"name": "kd", "merge": "standardize"}, epochs=2)
+    full = amalgamate(config, tmp_path / "full", progress=False,
+                      overrides=["train.teacher_cache=memory"])
+    top = amalgamate(config, tmp_path / "top", progress=False,
+                     overrides=["train.teacher_cache=memory", "train.teacher_cache_topk=2"])
+    rows = len(build_digits("transfer"))
+    # per teacher and row: 2 float32 logits, 2 int16 classes, a float32 log-sum-exp
+    assert top["teacher_cache"]["bytes"] == rows * 2 * (2 * 4 + 2 * 2 + 4)
+    top1 = [r["student"]["metrics"]["digits"]["top1"] for r in (full, top)]
+    assert abs(top1[0] - top1[1]) <= 0.05, top1

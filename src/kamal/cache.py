@@ -261,6 +261,15 @@ def _memmap_safetensors(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
     return arrays, bfloat16
 
 
+def stored_bytes(outputs: dict[str, Tensor], features: dict[str, Tensor],
+                 logits: frozenset[str], topk: int, dtype: torch.dtype) -> int:
+    """Bytes one teacher's ``outputs`` and ``features`` take in the cache (floating values in
+    ``dtype``, top-k rows as kept)."""
+    return sum(v.numel() * (dtype.itemsize if v.is_floating_point() and not k.endswith("/lse")
+                            else v.element_size())
+               for k, v in keep_topk(_flatten(outputs, features), logits, topk).items())
+
+
 def keep_topk(flat: dict[str, Tensor], logits: frozenset[str], k: int) -> dict[str, Tensor]:
     """Rows of class logits (outputs named in ``logits`` with more than ``k`` classes) as
     their ``k`` largest values, those classes and the row's log-sum-exp, under

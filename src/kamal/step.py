@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed
 from .amalgamator import Amalgamator
-from .cache import STORED_DTYPES, CacheEntry, TeacherCache, choose_mode, entry_key
+from .cache import (
+    STORED_DTYPES,
+    CacheEntry,
+    TeacherCache,
+    choose_mode,
+    entry_key,
+    stored_bytes,
+)
 from .config import RunConfig
 from .data.augment import draw_views
 from .data.base import ImageDataset
@@ -145,8 +152,11 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     outputs, features = step.run_teachers(probe.to(device))
     step.runner.reset()  # the probe's channels-last copies: the fill makes one at a time
     stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
-    per_sample = sum(v.numel() * (stored.itemsize if v.is_floating_point() else v.element_size())
-                     for d in (*outputs, *features) for v in d.values()) / len(probe)
+    logits = [frozenset(t.name for t in teacher.tasks if t.kind == "classification")
+              for teacher in step.teachers]
+    per_sample = sum(stored_bytes(out, feat, names, cfg.train.teacher_cache_topk, stored)
+                     for out, feat, names in zip(outputs, features, logits, strict=True)
+                     ) / len(probe)
     estimate = int(per_sample * len(local) * max(1, per_image))  # type: ignore[arg-type]
     mode = choose_mode(requested, transfer.augmented and not per_image, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
@@ -170,9 +180,8 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
                 else UnlabeledView(local, view))
         runner = TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
                                step.student.input_spec.size)
-        logits = frozenset(t.name for t in teacher.tasks if t.kind == "classification")
         entries.append(CacheEntry(teacher.name, entry_key(teacher, layers, data, views, extra),
-                                  rows, _single_teacher(runner, device), logits))
+                                  rows, _single_teacher(runner, device), logits[i]))
     cache.build(entries, cfg.train.batch_size, resolve_workers(cfg.data.workers, transfer))
     return cache
 
