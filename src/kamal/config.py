@@ -194,7 +194,7 @@ class AmalgamationTrainConfig(TrainConfig):
         "augmentations of each image are drawn once (from seed), the teachers' outputs on "
         "exactly those images cached, and each epoch the student trains on one of them, "
         "re-created from its recorded numbers. Needs randomly augmented transfer data (e.g. "
-        "data.transfer.options.augment: true). 0: no stored views.")
+        "data.transfer.augment: true). 0: no stored views.")
     teacher_cache_budget_mb: float = Field(2048, gt=0, description="Memory budget of "
                                            "teacher_cache: auto, in MiB.")
     teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(

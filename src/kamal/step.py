@@ -142,7 +142,7 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
         raise ConfigError(
             f"train.teacher_cache_views: {per_image} stores randomly augmented views, but "
             + ("the transfer data has no random augmentation; turn it on (e.g. "
-               "data.transfer.options.augment: true) or set teacher_cache_views to 0"
+               "data.transfer.augment: true) or set teacher_cache_views to 0"
                if not transfer.augmented else
                f"the transfer data ({type(transfer).__name__}) cannot record its augmentation "
                "(ImageDataset.draw_augmentation); set teacher_cache_views to 0"))
