@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .atomic import atomic_save_tensors
+from .atomic import atomic_save_tensors, atomic_write_bytes
 from .data.base import tensor_digest
 from .errors import ConfigError
 
@@ -169,7 +169,8 @@ class _Chunks:
     def __init__(self, folder: Path | None, dtype: torch.dtype) -> None:
         self.folder, self.dtype = folder, dtype
         self.pending: dict[str, list[Tensor]] = {}
-        self.rows, self.start, self.shards = 0, 0, []  # type: ignore[var-annotated]
+        self.rows = self.start = 0
+        self.shards: list[dict[str, Any]] = []
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)  # a half-written entry is never read
             folder.mkdir(parents=True)
@@ -192,7 +193,8 @@ class _Chunks:
         assert self.folder is not None
         if self.pending:
             self._write()
-        (self.folder / "index.json").write_text(json.dumps({"key": key, "shards": self.shards}))
+        atomic_write_bytes(self.folder / "index.json",
+                           json.dumps({"key": key, "shards": self.shards}).encode())
 
     def _write(self) -> None:
         assert self.folder is not None
