@@ -1,8 +1,9 @@
 """Training speed at real size: two ResNet-50 teachers at 224 px amalgamated into a
 ResNet-18 student, from a folder of JPEGs read with random crops and flips (issue 16).
 
-Variants, in this order, each timed by a clock at the start of every step (images/s from
-the median gap between consecutive steps of epochs 2+, epoch 1 warms up):
+Variants, each run ``--repeats`` times in an order rotated every repeat, each timed by a
+clock at the start of every step (images/s from the median gap between consecutive steps
+of epochs 2+ over all repeats; epoch 1 warms up):
 
 * ``loader``: the DataLoader alone (decode, random crop, resize), no model: what the data
   path can deliver;
@@ -20,6 +21,7 @@ ratio, as benchmarks/speed.py): kamal-off >= 0.97x plain, kamal-views >= 0.9x
 student-only, loader >= 2x student-only.
 
     python benchmarks/realistic.py [--images 320] [--batch 32] [--epochs 5] [--views 2]
+                                   [--repeats 2]
                                    [--device cpu] [--precision fp32] [--compile]
                                    [--key realistic]
 
@@ -185,7 +187,7 @@ def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]
     AmalgamationStep.__call__ = timed  # type: ignore[method-assign]
     try:
         started = time.perf_counter()
-        report = amalgamate(path, folder / f"run-{views}", progress=False)
+        report = amalgamate(path, folder / f"run-{views}-{time.monotonic_ns()}", progress=False)
     finally:
         AmalgamationStep.__call__ = original  # type: ignore[method-assign]
     return {"steps": _step_seconds(starts), "cache_bytes": report["teacher_cache"]["bytes"],
@@ -194,15 +196,23 @@ def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]
 
 
 def measure(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
-    for name, run in (("loader", lambda: {"steps": _loader_only(args, folder)}),
-                      ("student-only", lambda: {"steps": _hand_loop(args, folder, False)}),
-                      ("plain", lambda: {"steps": _hand_loop(args, folder, True)}),
-                      ("kamal-off", lambda: _kamal(args, folder, 0)),
-                      ("kamal-views", lambda: _kamal(args, folder, args.views))):
-        results[name] = run()
-        steps = results[name]["steps"]
-        print(f"{name}: {len(steps)} steps, median {statistics.median(steps):.3f} s", flush=True)
+    """Every variant ``args.repeats`` times, in an order rotated each repeat (a drift of the
+    machine over the run then falls on every variant alike); step times pooled."""
+    variants = {"loader": lambda: {"steps": _loader_only(args, folder)},
+                "student-only": lambda: {"steps": _hand_loop(args, folder, False)},
+                "plain": lambda: {"steps": _hand_loop(args, folder, True)},
+                "kamal-off": lambda: _kamal(args, folder, 0),
+                "kamal-views": lambda: _kamal(args, folder, args.views)}
+    names = list(variants)
+    results: dict[str, dict[str, Any]] = {name: {"steps": []} for name in names}
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            run = variants[name]()
+            steps = run.pop("steps")
+            results[name]["steps"] += steps
+            results[name].setdefault("runs", []).append(run)
+            print(f"{name} (repeat {repeat + 1}): {len(steps)} steps, median "
+                  f"{statistics.median(steps):.3f} s", flush=True)
     return results
 
 
@@ -225,7 +235,8 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
              f"{args.images} JPEGs (256x320) read with random crops and flips, batch "
              f"{args.batch}, {args.precision}{', compiled student' if args.compile else ''}; "
              f"ResNet-18 student, kd (`merge: standardize`); images/s from the median step "
-             f"gap of epochs 2-{args.epochs}.", "",
+             f"gap of epochs 2-{args.epochs} over {args.repeats} runs of each variant, in an "
+             "order rotated every run.", "",
              "| variant | images/s (median) | interquartile step s | steps | note |",
              "|---|---|---|---|---|"]
     notes = {"loader": "the data path alone (decode, crop, resize)",
@@ -233,7 +244,7 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
              "plain": "hand-written KD loop, teachers live",
              "kamal-off": "kamal, teachers live",
              "kamal-views": f"kamal, {args.views} stored views per image "
-                            f"({results['kamal-views'].get('cache_bytes', 0) / 2**20:.1f} MiB)"}
+                            f"({results['kamal-views']['runs'][0]['cache_bytes'] / 2**10:.0f} KiB)"}
     for name, result in results.items():
         q = statistics.quantiles(result["steps"], n=4, method="inclusive")
         lines.append(f"| {name} | {rate(name):.1f} | {q[0]:.3f}–{q[2]:.3f} | "
@@ -255,6 +266,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--key", default="realistic")
     args = parser.parse_args()
     import torch
