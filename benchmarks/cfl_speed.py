@@ -33,11 +33,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
-from speed import _step_seconds, verdict  # noqa: E402
+from speed import _step_seconds, step_clock, verdict  # noqa: E402
 
 EXAMPLE = _report.ROOT / "examples" / "digits"
 SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
@@ -91,10 +90,9 @@ def kamalengine_loop(epochs: int) -> list[float]:
 
     def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = F.normalize(x.flatten(1), dim=1), F.normalize(y.flatten(1), dim=1)
-        d = [torch.cdist(a, b).pow(2) for a, b in ((x, x), (y, y), (x, y))]
+        dxx, dyy, dxy = (torch.cdist(a, b).pow(2) for a, b in ((x, x), (y, y), (x, y)))
         return sum(torch.exp(-dxx / (2 * s * s)).mean() + torch.exp(-dyy / (2 * s * s)).mean()
-                   - 2 * torch.exp(-dxy / (2 * s * s)).mean() for s in SIGMAS
-                   for dxx, dyy, dxy in [d])
+                   - 2 * torch.exp(-dxy / (2 * s * s)).mean() for s in SIGMAS)
 
     loader = DataLoader(data, batch_size=BATCH, shuffle=True, drop_last=True)
     params = list(student.parameters()) + list(block.parameters())
@@ -128,22 +126,11 @@ def kamalengine_loop(epochs: int) -> list[float]:
 
 def kamal_cfl(epochs: int, overrides: list[str], folder: Path) -> list[float]:
     from kamal import amalgamate
-    from kamal.step import AmalgamationStep
 
-    starts: list[tuple[int, float]] = []
-    original = AmalgamationStep.__call__
-
-    def timed(self: Any, data: Any, info: Any) -> Any:
-        starts.append((info.epoch, time.perf_counter()))
-        return original(self, data, info)
-
-    AmalgamationStep.__call__ = timed  # type: ignore[method-assign]
-    try:
+    with step_clock() as starts:
         amalgamate(EXAMPLE / "cfl.yaml", folder / f"cfl-{time.monotonic_ns()}", progress=False,
                    overrides=[f"train.epochs={epochs}", "algorithm.tsne_samples=0",
                               "data.eval=null", *overrides])
-    finally:
-        AmalgamationStep.__call__ = original  # type: ignore[method-assign]
     return _step_seconds(starts)
 
 

@@ -43,7 +43,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
-from speed import _step_seconds, verdict  # noqa: E402
+from speed import _step_seconds, step_clock, verdict  # noqa: E402
 
 SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -163,14 +163,6 @@ def _sync(device: Any) -> None:
 
 def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]:
     from kamal import amalgamate
-    from kamal.step import AmalgamationStep
-
-    starts: list[tuple[int, float]] = []
-    original = AmalgamationStep.__call__
-
-    def timed(self: Any, data: Any, info: Any) -> Any:
-        starts.append((info.epoch, time.perf_counter()))
-        return original(self, data, info)
 
     cache = {"teacher_cache": "memory", "teacher_cache_views": views} if views else {
         "teacher_cache": "off"}
@@ -184,12 +176,9 @@ def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]
                   "calibration_images": 2 * args.batch, "log_every": 1000, **cache}}
     path = folder / f"kamal-{views}.yaml"
     path.write_text(yaml.safe_dump(config))
-    AmalgamationStep.__call__ = timed  # type: ignore[method-assign]
-    try:
-        started = time.perf_counter()
+    started = time.perf_counter()
+    with step_clock() as starts:
         report = amalgamate(path, folder / f"run-{views}-{time.monotonic_ns()}", progress=False)
-    finally:
-        AmalgamationStep.__call__ = original  # type: ignore[method-assign]
     return {"steps": _step_seconds(starts), "cache_bytes": report["teacher_cache"]["bytes"],
             "seconds_to_first_step": report["timing"]["seconds_to_first_step"],
             "wall": round(time.perf_counter() - started, 1)}

@@ -40,14 +40,14 @@ def rss():
     return 0
 
 baseline = rss()
-import torch  # noqa: E402
+import torch
 from kamal import Logger, amalgamate
 from kamal.hookspecs import hookimpl
 from kamal.plugins import register_plugin
 
 torch_loaded = rss()
-import kamal.run  # noqa: E402,F401 - what the run imports, and its data, before any model
-from kamal.data.digits import build_digits  # noqa: E402
+import kamal.run  # what the run imports, and its data, before any model
+from kamal.data.digits import build_digits
 
 build_digits("transfer", size=8)
 ready = rss()

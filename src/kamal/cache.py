@@ -326,7 +326,7 @@ def _unflatten(flat: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Te
     return outputs, features
 
 
-def weights_digest(teacher: Any) -> str:
+def teacher_digest(teacher: Any) -> str:
     """sha256 of a teacher's weights: its source's digest of the weights file, else of its
     parameters and buffers as loaded."""
     known = getattr(teacher, "source", {}).get("sha256")
@@ -341,7 +341,8 @@ def entry_key(teacher: Any, layers: Sequence[str], data: str, views: Tensor | No
     """The content address of one teacher's entry: its weights, the pixels it reads, the
     tapped ``layers``, the ``data`` fingerprint, the recorded augmentations ``views`` and
     ``extra`` (stored precision, output size, process shard)."""
-    parts = [weights_digest(teacher), repr(teacher.input_spec.view), ",".join(layers), data, extra]
+    parts = [teacher_digest(teacher), repr(teacher.input_spec.view), ",".join(layers), data,
+             extra]
     if views is not None:
         parts.append(tensor_digest(views))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
