@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'benchmarks/gpu.sh needs a CUDA GPU')"
-exec timeout 480 python benchmarks/realistic.py --device cuda --images 2560 --batch 256 \
+python3 -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'benchmarks/gpu.sh needs a CUDA GPU')"
+exec timeout 480 python3 benchmarks/realistic.py --device cuda --images 2560 --batch 256 \
     --epochs 5 --views 4 --precision bf16 --compile --repeats 1 \
     --key realistic_gpu
