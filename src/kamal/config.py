@@ -114,7 +114,7 @@ class _Loading(_Strict):
     workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes that decode and augment images beside "
         "the training step. auto: none for in-memory datasets (digits, scenes), else one per "
-        "CPU core but one (at most 8). Batches are pinned in memory when the device is CUDA.")
+        "CPU core but one (at most 16). Batches are pinned in memory when the device is CUDA.")
 
     @field_validator("workers")
     @classmethod

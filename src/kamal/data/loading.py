@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-#: The most worker processes ``auto`` starts (beyond it, decoding is rarely what limits).
-MAX_AUTO_WORKERS = 8
+#: The most worker processes ``auto`` starts: on a GPU, decoding JPEGs is what limits (docs/performance.md).
+MAX_AUTO_WORKERS = 16
 
 
 def resolve_workers(requested: int | str, dataset: Dataset) -> int:
