@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +210,11 @@ def _kamal(args: argparse.Namespace, folder: Path, views: int) -> dict[str, Any]
             "wall": round(time.perf_counter() - started, 1)}
 
 
-def measure(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
+def measure(args: argparse.Namespace, folder: Path,
+            save: Callable[[dict[str, dict[str, Any]]], None]) -> dict[str, dict[str, Any]]:
     """Every variant ``args.repeats`` times, in an order rotated each repeat (a drift of the
-    machine over the run then falls on every variant alike); step times pooled."""
+    machine over the run then falls on every variant alike); epoch rates pooled. ``save``
+    gets the results after every run, so a run stopped by a time limit keeps its figures."""
     variants = {"loader": lambda: {"rates": _loader_only(args, folder)},
                 "student-only": lambda: {"rates": _hand_loop(args, folder, False)},
                 "plain": lambda: {"rates": _hand_loop(args, folder, True)},
@@ -227,13 +230,17 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]
             results[name].setdefault("runs", []).append(run)
             print(f"{name} (repeat {repeat + 1}): epochs 2+ at "
                   f"{', '.join(f'{r:.0f}' for r in rates)} images/s", flush=True)
+            save(results)
     return results
 
 
 def verdicts(results: dict[str, dict[str, Any]], batch: int) -> dict[str, dict[str, Any]]:
-    """Each target of ``TARGETS`` decided by the epoch rates."""
+    """Each target of ``TARGETS`` decided by the epoch rates (those with both sides
+    measured)."""
     checks = {}
     for label, (variant, reference, target) in TARGETS.items():
+        if not (results[variant]["rates"] and results[reference]["rates"]):
+            continue
         word, low, high = verdict(results[variant]["rates"], results[reference]["rates"],
                                   target)
         checks[label] = {"target": target, "low": low, "high": high, "verdict": word}
@@ -251,7 +258,8 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
              "step over that time), the variants in an order rotated every run.", "",
              "| variant | images/s (median epoch) | interquartile | epochs | note |",
              "|---|---|---|---|---|"]
-    views = results["kamal-views"]["runs"][0]
+    views = results["kamal-views"].get("runs", [{"cache_bytes": 0,
+                                                  "seconds_to_first_step": 0}])[0]
     notes = {"loader": "the data path alone (decode, crop, resize)",
              "student-only": "the limit: student forward + backward, targets free",
              "plain": "hand-written KD loop, teachers live",
@@ -260,6 +268,9 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
                             f"({views['cache_bytes'] / 2**10:.0f} KiB, filled in "
                             f"{views['seconds_to_first_step']:.0f} s before epoch 1)"}
     for name, result in results.items():
+        if not result["rates"]:
+            lines.append(f"| {name} | not measured (the run stopped first) | | 0 | |")
+            continue
         q = statistics.quantiles(result["rates"], n=4, method="inclusive")
         lines.append(f"| {name} | {statistics.median(result['rates']):.1f} | "
                      f"{q[0]:.1f}–{q[2]:.1f} | {len(result['rates'])} | {notes[name]} |")
@@ -292,12 +303,16 @@ def main() -> None:
         make_images(folder / "images", args.images)
         make_teachers(folder)
         workers = _workers(folder)
-        results = measure(args, folder)
-    checks = verdicts(results, args.batch)
-    text = markdown(args, results, checks, device, workers)
-    print(text)
-    _report.update(args.key, text, {"results": results, "verdicts": checks, "device": device,
-                                    "workers": workers, "settings": vars(args)})
+
+        def save(results: dict[str, dict[str, Any]], final: bool = False) -> str:
+            checks = verdicts(results, args.batch)
+            text = markdown(args, results, checks, device, workers)
+            _report.update(args.key, text, {"results": results, "verdicts": checks,
+                                            "device": device, "workers": workers,
+                                            "complete": final, "settings": vars(args)})
+            return text
+
+        print(save(measure(args, folder, save), final=True))
 
 
 if __name__ == "__main__":
