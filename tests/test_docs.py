@@ -159,9 +159,12 @@ def test_the_teacher_memory_verdict_is_decided_by_the_measurements():
     assert not teacher_memory.memory_verdict(runs, [60 * mb])["met"]  # 400 MB > 360 MB
     runs["released"]["training_peak"] = 850 * mb
     assert teacher_memory.memory_verdict(runs, [60 * mb])["met"]
+    runs["released"] |= {"setup_peak": 900 * mb, "cache_bytes": 50 * mb}
+    assert teacher_memory.memory_verdict(runs, [60 * mb], "setup")["met"]  # 400 <= 410 MB
     committed = _regions.load()["benchmarks"]["teacher_memory"]
-    assert teacher_memory.memory_verdict(committed["runs"], committed["teacher_bytes"]) \
-        == committed["verdict"]
+    for phase, verdict in committed["verdicts"].items():
+        assert teacher_memory.memory_verdict(committed["runs"], committed["teacher_bytes"],
+                                             phase) == verdict
 
 
 def test_real_size_example_and_cfl_verdicts_are_decided_by_the_measurements():

@@ -20,6 +20,7 @@ from kamal import (
     ConfigError,
     Interrupted,
     KamalError,
+    Teacher,
     load_model,
     load_teacher,
 )
@@ -271,6 +272,29 @@ def test_teachers_are_released_while_the_student_trains_from_a_complete_cache(
     assert set(TeacherProbe.held) == {full}  # no cache: the teachers are needed
 
 
+def test_teachers_are_loaded_one_at_a_time_until_the_student_trains(tmp_path, tiny_teachers,
+                                                                   probe_plugin, monkeypatch):
+    teachers, together = [], []
+    release, restore = Teacher.release, Teacher.restore
+
+    def tracking_release(self, lazy=False):
+        release(self, lazy)
+        teachers.append(self) if self not in teachers else None
+
+    def counting_restore(self, loaded):
+        restore(self, loaded)
+        if not TeacherProbe.held:  # before the first training step
+            together.append(sum(not t.released for t in teachers))
+
+    monkeypatch.setattr(Teacher, "release", tracking_release)
+    monkeypatch.setattr(Teacher, "restore", counting_restore)
+    config = write_run_config(tmp_path / "p.yaml", tiny_teachers, {"name": "teacher-probe"}, epochs=1)
+    report = amalgamate(config, tmp_path / "released", progress=False)
+    assert len(teachers) == 2 and together and max(together) == 1  # loaded, run, freed in turn
+    assert set(TeacherProbe.held) == {0}
+    assert next(iter(report["teachers"][0]["metrics"].values()))["top1"] > 0.9  # loaded again
+
+
 def test_an_algorithm_that_runs_a_released_teacher_is_told_what_to_set(tmp_path, tiny_teachers,
                                                                       probe_plugin):
     config = write_run_config(tmp_path / "p.yaml", tiny_teachers,
@@ -285,22 +309,23 @@ def test_a_released_teacher_comes_back_only_from_unchanged_files(tmp_path, tiny_
     import shutil
 
     from kamal.config import TeacherRef
-    from kamal.teacher_loading import reload_teacher, resolve_teacher
+    from kamal.teacher_loading import load_teachers
 
     repo = tmp_path / "repo"
     shutil.copytree(tiny_teachers[0], repo)
-    ref = TeacherRef(name="t", path=str(repo))
-    teacher = resolve_teacher(ref, tmp_path, 0)
+    [teacher] = load_teachers([TeacherRef(name="t", path=str(repo))], tmp_path, lazy=False)
     images = build_digits("test").images[:8]
     before = teacher(images)
     teacher.release()
     assert teacher.num_parameters() == 0 and teacher.tasks  # structure kept, weights gone
-    reload_teacher(ref, tmp_path, 0, teacher)
+    with pytest.raises(KamalError, match="teacher 't' was released .* train.release_teachers: false"):
+        teacher(images)
+    teacher.release(lazy=True)  # the next use loads the weights back from the same files
     torch.testing.assert_close(teacher(images), before, atol=0, rtol=0)
-    teacher.release()
+    teacher.release(lazy=True)
     (repo / "model.safetensors").write_bytes((tiny_teachers[1] / "model.safetensors").read_bytes())
     with pytest.raises(KamalError, match="teachers.0: the weights of 't' changed on disk"):
-        reload_teacher(ref, tmp_path, 0, teacher)
+        teacher(images)
 
 
 @pytest.mark.parametrize(("mode", "dtype", "atol"), [("memory", torch.float32, 1e-5),

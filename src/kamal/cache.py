@@ -75,6 +75,7 @@ class CacheEntry:
     rows: Dataset
     run: EntryFn
     logits: frozenset[str] = frozenset()  # outputs that are class logits (top-k may apply)
+    done: Callable[[], None] | None = None  # called once the entry is filled or reused
 
 
 class TeacherCache:
@@ -104,32 +105,17 @@ class TeacherCache:
         """Fill each teacher's entry, one teacher at a time (``workers`` DataLoader processes
         decode its images), or reuse it from disk when an entry with the same key is there;
         entries of other keys are removed."""
-        from .progress import track
-
         for entry in entries:
             folder = self.folder / entry.key if self.mode == "disk" and self.folder else None
             found = _load_disk(folder) if folder is not None else None
-            if found is not None:
+            if found is None:
+                found = self._fill(entry, folder, batch_size, workers)
+            else:
                 self.reused.append(entry.name)
-                self.entries.append(found[0])
-                self.bfloat16.append(found[1])
-                continue
-            loader = DataLoader(entry.rows, batch_size=batch_size, shuffle=False,
-                                num_workers=workers)
-            chunks = _Chunks(folder, self.dtype)
-            for images in track(loader, f"filling the teacher cache ({self.mode}): "
-                                        f"{entry.name}"):
-                chunks.add(keep_topk(_flatten(*entry.run(images)), entry.logits, self.topk))
-            self.recomputed.append(entry.name)
-            if folder is None:
-                self.entries.append(chunks.tensors())
-                self.bfloat16.append(set())
-                continue
-            chunks.finish(entry.key)
-            found = _load_disk(folder)
-            assert found is not None
             self.entries.append(found[0])
             self.bfloat16.append(found[1])
+            if entry.done is not None:
+                entry.done()
         if self.mode == "disk" and self.folder is not None:
             keep = {entry.key for entry in entries}
             for stale in self.folder.iterdir():
@@ -141,6 +127,25 @@ class TeacherCache:
                      ", ".join(self.recomputed), len(self.reused))
         elif self.reused:
             log.info("teacher cache: reused all %d entries from %s", len(entries), self.folder)
+
+    def _fill(self, entry: CacheEntry, folder: Path | None, batch_size: int,
+              workers: int) -> tuple[dict[str, Any], set[str]]:
+        """Run ``entry``'s teacher over its rows: the stored tensors and the names stored
+        as bfloat16 (read from disk again when the entry is on disk)."""
+        from .progress import track
+
+        loader = DataLoader(entry.rows, batch_size=batch_size, shuffle=False,
+                            num_workers=workers)
+        chunks = _Chunks(folder, self.dtype)
+        for images in track(loader, f"filling the teacher cache ({self.mode}): {entry.name}"):
+            chunks.add(keep_topk(_flatten(*entry.run(images)), entry.logits, self.topk))
+        self.recomputed.append(entry.name)
+        if folder is None:
+            return chunks.tensors(), set()
+        chunks.finish(entry.key)
+        found = _load_disk(folder)
+        assert found is not None
+        return found
 
     def lookup(self, rows: Tensor, device: torch.device
                ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:

@@ -13,7 +13,7 @@ an Amalgamator (:mod:`kamal.amalgamator`) receives. Everything is re-exported fr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -196,29 +196,43 @@ class Teacher:
     """
 
     name: str
-    model: Student
     source: dict[str, Any]
+    #: How to load this teacher's network again (set by kamal when it loaded the teacher from
+    #: files): a teacher released with ``lazy=True`` loads its weights back through it the
+    #: next time :attr:`model` is used.
+    loader: Callable[[], nn.Module] | None
 
     def __init__(self, name: str, model: Student, source: dict[str, Any] | None = None) -> None:
         self.name = name
-        self.model = model.eval().requires_grad_(False)
+        self._model = model.eval().requires_grad_(False)
         self.source = dict(source or {})
+        self.loader = None
         self._known: tuple[Tensor | ViewBatch, dict[str, Tensor]] | None = None
         self._released = False
+        self._lazy = False
+
+    @property
+    def model(self) -> Student:
+        """The frozen network (a teacher released with ``lazy=True`` loads its weights back
+        first)."""
+        if self._released and self._lazy:
+            assert self.loader is not None
+            self.restore(self.loader())
+        return self._model
 
     @property
     def tasks(self) -> list[Task]:
         """The tasks this teacher is expert in."""
-        return self.model.tasks
+        return self._model.tasks
 
     @property
     def input_spec(self) -> InputSpec:
         """What the teacher expects as input."""
-        return self.model.input_spec
+        return self._model.input_spec
 
     def to(self, device: torch.device | str) -> Teacher:
-        """Move the weights; returns ``self``."""
-        self.model.to(device)
+        """Move the weights (a released teacher's come back on ``device``); returns ``self``."""
+        self._model.to(device)
         return self
 
     @torch.no_grad()  # as the TeacherRunner: outputs may enter autograd later without a copy
@@ -230,34 +244,43 @@ class Teacher:
         known = self._known
         if known is not None and known[0] is images:  # computed before (the teacher cache)
             return known[1]
-        if self.released:
+        self.require_weights()
+        return self.model(model_input(self.model, images))
+
+    def require_weights(self) -> None:
+        """Make sure the weights are there: a lazily released teacher loads them back; one
+        released while the student trains from the cache is an error that says what to set."""
+        if self._released and not self._lazy:
             raise KamalError(f"teacher '{self.name}' was released while the student trains from "
                              "the teacher cache; an algorithm that runs its teachers during "
                              "training needs train.release_teachers: false")
-        return self.model(model_input(self.model, images))
+        self.model  # noqa: B018 - the property loads a lazily released teacher
 
     @property
     def released(self) -> bool:
         """Whether the weights were freed (:meth:`release`) and not restored yet."""
         return self._released
 
-    def release(self) -> None:
+    def release(self, lazy: bool = False) -> None:
         """Free the weights' memory, keeping the network's structure, tasks and input spec
         (the teacher cache holds what the teacher would compute); :meth:`restore` brings
-        them back. Every parameter and buffer keeps its identity, so references held by
-        others (feature taps) stay valid."""
-        for tensor in chain(self.model.parameters(), self.model.buffers()):
+        them back, or with ``lazy`` (and a :attr:`loader`) the next use of :attr:`model`
+        does. Every parameter and buffer keeps its identity, so references held by others
+        (feature taps) stay valid."""
+        if lazy and self.loader is None:
+            raise KamalError(f"teacher '{self.name}' has no loader to bring its weights back")
+        for tensor in chain(self._model.parameters(), self._model.buffers()):
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        self._released = True
+        self._released, self._lazy = True, lazy
 
     def restore(self, loaded: nn.Module) -> None:
         """Give the released weights back from ``loaded``, the same network loaded again."""
         theirs = dict(chain(loaded.named_parameters(remove_duplicate=False),
                             loaded.named_buffers(remove_duplicate=False)))
-        for name, tensor in chain(self.model.named_parameters(remove_duplicate=False),
-                                  self.model.named_buffers(remove_duplicate=False)):
+        for name, tensor in chain(self._model.named_parameters(remove_duplicate=False),
+                                  self._model.named_buffers(remove_duplicate=False)):
             tensor.data = theirs[name].data.to(tensor.device)
-        self._released = False
+        self._released = self._lazy = False
 
     def answer(self, images: Tensor | ViewBatch | None, outputs: dict[str, Tensor] | None) -> None:
         """Until called again, answer a call on exactly ``images`` (the same object) with

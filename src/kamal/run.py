@@ -61,7 +61,7 @@ from .step import (
     teachers_released,
     training_data,
 )
-from .teacher_loading import resolve_teacher
+from .teacher_loading import load_teachers
 
 
 def amalgamate(config_path: str | Path, output: str | Path | None = None,
@@ -90,7 +90,9 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
     check_precision(cfg.train.precision, device)  # before any teacher runs
     seed_everything(cfg.train.seed)
 
-    teachers = [resolve_teacher(ref, base_dir, i) for i, ref in enumerate(cfg.teachers)]
+    # one teacher's weights in memory at a time until they run (train.release_teachers)
+    teachers = load_teachers(cfg.teachers, base_dir, lazy=cfg.train.release_teachers
+                             and cfg.train.teacher_cache != "off")
     check_backbone_teachers(cls, teachers)
     cls.check_teachers(teachers)
     check_class_names(teachers)
@@ -169,7 +171,7 @@ def _amalgamate(config_path: str | Path, output: str | Path | None, overrides: l
         loggers=loggers, run_config=resolved,
         loading=loader_options(resolve_workers(cfg.data.workers, transfer), device,
                                transfer.augmented),
-        during_fit=lambda: teachers_released(step, cfg, base_dir))
+        during_fit=lambda: teachers_released(step, cfg.train.release_teachers))
     try:
         amalgamator.amalgamate(trainer)
         if not distributed.is_main_process():

@@ -8,11 +8,10 @@ resulting :class:`~kamal.interfaces.Batch`.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from .errors import ConfigError, KamalError
 from .features import FeatureTap
 from .interfaces import Batch, Student, Teacher
 from .student_forward import StudentForward
-from .teacher_loading import reload_teacher
+from .teacher_loading import return_freed_memory
 from .teachers import Switch, TeacherOutputs, TeacherRunner
 
 
@@ -149,14 +148,19 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     assert step.plan is not None
     plan = step.plan
     probe = plan.batch(next(iter(DataLoader(UnlabeledView(local, plan.views), batch_size=8))))
-    outputs, features = step.run_teachers(probe.to(device))
-    step.runner.reset()  # the probe's channels-last copies: the fill makes one at a time
+    probe = probe.to(device)
     stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
     logits = [frozenset(t.name for t in teacher.tasks if t.kind == "classification")
               for teacher in step.teachers]
-    per_sample = sum(stored_bytes(out, feat, names, cfg.train.teacher_cache_topk, stored)
-                     for out, feat, names in zip(outputs, features, logits, strict=True)
-                     ) / len(probe)
+    runners = [TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
+                             step.student.input_spec.size)
+               for teacher, layers in zip(step.teachers, step.teacher_layers, strict=True)]
+    per_sample = 0.0
+    for i, runner in enumerate(runners):  # one teacher at a time, as the fill
+        (outputs,), (features,) = runner(probe)
+        per_sample += stored_bytes(outputs, features, logits[i], cfg.train.teacher_cache_topk,
+                                   stored) / len(probe)
+        _put_away(step.teachers[i], runner, cfg.train.release_teachers)
     estimate = int(per_sample * len(local) * max(1, per_image))  # type: ignore[arg-type]
     mode = choose_mode(requested, transfer.augmented and not per_image, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
@@ -178,10 +182,10 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
         view = (plan.views[plan.teachers[i]],)
         rows = (StoredViewRows(local, view, views) if views is not None
                 else UnlabeledView(local, view))
-        runner = TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
-                               step.student.input_spec.size)
         entries.append(CacheEntry(teacher.name, entry_key(teacher, layers, data, views, extra),
-                                  rows, _single_teacher(runner, device), logits[i]))
+                                  rows, _single_teacher(runners[i], device), logits[i],
+                                  partial(_put_away, teacher, runners[i],
+                                          cfg.train.release_teachers)))
     cache.build(entries, cfg.train.batch_size, resolve_workers(cfg.data.workers, transfer))
     return cache
 
@@ -192,6 +196,16 @@ def _single_teacher(runner: TeacherRunner, device: torch.device):
         outputs, features = runner(images.to(device))
         return outputs[0], features[0]
     return run
+
+
+def _put_away(teacher: Teacher, runner: TeacherRunner, release: bool) -> None:
+    """Once ``teacher`` has run for the cache: the runner's copies dropped and, with
+    ``release`` (``train.release_teachers``), its weights freed (the next use loads them
+    again), so the fill holds one teacher at a time."""
+    runner.reset()
+    if release and teacher.loader is not None:
+        teacher.release(lazy=True)
+        return_freed_memory()
 
 
 def training_data(local: Dataset, plan: ViewPlan, cache: TeacherCache | None) -> Dataset:
@@ -206,30 +220,21 @@ def training_data(local: Dataset, plan: ViewPlan, cache: TeacherCache | None) ->
 
 
 @contextmanager
-def teachers_released(step: AmalgamationStep, cfg: RunConfig, base_dir: Path) -> Iterator[None]:
+def teachers_released(step: AmalgamationStep, release: bool) -> Iterator[None]:
     """While the student trains from a complete teacher cache, the teachers' weights are
-    freed (``train.release_teachers``) and loaded again after it, for the report and for an
+    freed (with ``release``: ``train.release_teachers``); after it each loads them again
+    when first used (their :attr:`~kamal.interfaces.Teacher.loader`), for the report and an
     algorithm's own work after training."""
-    if not (cfg.train.release_teachers and step.cache is not None):
+    if not (release and step.cache is not None):
         yield
         return
     step.runner.reset()  # its channels-last copies hold weights too
     for teacher in step.teachers:
-        teacher.release()
+        teacher.release()  # not lazy: a teacher run during training is an error that says why
     return_freed_memory()
     yield  # an interrupted or failed stage ends the run: nothing left to load them for
-    for index, (ref, teacher) in enumerate(zip(cfg.teachers, step.teachers, strict=True)):
-        reload_teacher(ref, base_dir, index, teacher)
-
-
-def return_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc's malloc_trim:
-    freed tensors of a few MB otherwise stay in the process's resident memory)."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
-        pass
+    for teacher in step.teachers:
+        teacher.release(lazy=True)
 
 
 def features_before_setup(amalgamator: Amalgamator) -> bool | None:

@@ -3,9 +3,12 @@ any registered teacher format (``format:``, or the one format that recognises th
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TeacherRef
 from .errors import ConfigError, KamalError, ModelRepoError, RegistryError
@@ -14,6 +17,9 @@ from .interfaces import Teacher
 from .plugins import get_registry
 from .repo import sha256_of
 from .tasks.classification import NamedClassesTask
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -51,17 +57,51 @@ def resolve_teacher(ref: TeacherRef, base_dir: Path, index: int) -> Teacher:
         raise type(exc)(message if message.startswith(key) else f"{key}: {message}") from None
 
 
-def reload_teacher(ref: TeacherRef, base_dir: Path, index: int, teacher: Teacher) -> None:
-    """Load a released teacher's weights again, from the same files (a Hub teacher at the
+def load_teachers(refs: Sequence[TeacherRef], base_dir: Path, lazy: bool) -> list[Teacher]:
+    """Every teacher of a run, one at a time, each with its :attr:`~Teacher.loader`. With
+    ``lazy`` each is released as soon as it is loaded and checked (its weights come back
+    when it is first used), so loading holds one teacher's weights at a time."""
+    teachers = []
+    for index, ref in enumerate(refs):
+        teacher = resolve_teacher(ref, base_dir, index)
+        teacher.loader = weights_loader(ref, base_dir, index, teacher)
+        if lazy:
+            teacher.release(lazy=True)
+            return_freed_memory()
+        teachers.append(teacher)
+    return teachers
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc's malloc_trim:
+    freed tensors of a few MB otherwise stay in the process's resident memory)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+        pass
+
+
+def weights_loader(ref: TeacherRef, base_dir: Path, index: int,
+                   teacher: Teacher) -> Callable[[], nn.Module]:
+    """How to load ``teacher``'s network again, from the same files (a Hub teacher at the
     commit it was loaded at); files that changed since are an error, never silently used."""
     if ref.hub is not None:
         ref = ref.model_copy(update={"revision": teacher.source["revision"]})
-    loaded = resolve_teacher(ref, base_dir, index)
-    if loaded.source.get("sha256") != teacher.source.get("sha256"):
-        raise KamalError(f"teachers.{index}: the weights of '{teacher.name}' changed on disk "
-                         "during the run (sha256 differs); the report needs the teacher the "
-                         "student learned from: rerun, or set train.release_teachers: false")
-    teacher.restore(loaded.model)
+
+    def load() -> nn.Module:
+        import torch
+
+        # building the network draws initial weights: a load during training must not move
+        # the run's random state (its augmentations and order, and a resume, depend on it)
+        with torch.random.fork_rng(devices=[]):
+            loaded = resolve_teacher(ref, base_dir, index)
+        if loaded.source.get("sha256") != teacher.source.get("sha256"):
+            raise KamalError(f"teachers.{index}: the weights of '{teacher.name}' changed on disk "
+                             "during the run (sha256 differs); the report needs the teacher the "
+                             "student learned from: rerun, or set train.release_teachers: false")
+        return loaded.model
+    return load
 
 
 def rename_classes(model: Any, mapping: dict[str, str], key: str) -> None:

@@ -161,6 +161,10 @@ class TeacherRunner:
 
     @torch.no_grad()  # not inference_mode: outputs join the student's graph without a copy
     def __call__(self, images: Tensor | ViewBatch) -> TeacherOutputs:
+        if any(teacher.released for teacher in self.teachers):
+            self.reset()  # the plan's networks (and copies) lost their weights
+            for teacher in self.teachers:
+                teacher.require_weights()
         device = model_input(self.teachers[0].model, images).device
         if self.device != device:
             self._plan(device)
