@@ -153,7 +153,8 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     logits = [frozenset(t.name for t in teacher.tasks if t.kind == "classification")
               for teacher in step.teachers]
     runners = [TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
-                             step.student.input_spec.size)
+                             step.student.input_spec.size,
+                             in_place=cfg.train.release_teachers and teacher.loader is not None)
                for teacher, layers in zip(step.teachers, step.teacher_layers, strict=True)]
     per_sample = 0.0
     for i, runner in enumerate(runners):  # one teacher at a time, as the fill

@@ -82,13 +82,14 @@ class _Single:
     """One teacher, its feature layers resolved once."""
 
     def __init__(self, index: int, teacher: Teacher, layers: Sequence[str],
-                 channels_last: bool) -> None:
+                 channels_last: bool, in_place: bool = False) -> None:
         self.index = index
         self.teacher = teacher
         self.model = teacher.model
         self.channels_last = channels_last
         if channels_last:  # a private copy: the teacher stays as evaluation and plugins expect
-            self.model = copy.deepcopy(teacher.model).to(memory_format=torch.channels_last)
+            model = self.model if in_place else copy.deepcopy(self.model)
+            self.model = model.to(memory_format=torch.channels_last)
         self.tap = FeatureTap(self.model.features, layers, teacher.name)
 
     def run(self, images: Tensor | ViewBatch, outputs: list[Any], features: list[Any]) -> None:
@@ -144,13 +145,16 @@ class TeacherRunner:
     ``output_size`` (the student's input size), dense outputs (segmentation logits, depth
     maps) are resized to it, so teachers at other resolutions give the student's maps.
     ``batch`` and ``channels_last`` are ``auto``/``on``/``off`` (see the module docstring);
-    they are resolved on the first call, for the device of the images.
+    they are resolved on the first call, for the device of the images. Channels-last
+    teachers run as private copies, or converted in place with ``in_place`` (for teachers
+    released once they have run: the cache fill holds one copy of the weights, not two).
     """
 
     def __init__(self, teachers: Sequence[Teacher], layers: Sequence[Sequence[str]],
                  batch: Switch = "auto", channels_last: Switch = "auto",
-                 output_size: Sequence[int] | None = None) -> None:
+                 output_size: Sequence[int] | None = None, in_place: bool = False) -> None:
         self.teachers = list(teachers)
+        self.in_place = in_place
         self.output_size = tuple(output_size) if output_size is not None else None
         self.layers = [list(x) for x in layers]
         self.batch = batch
@@ -228,7 +232,7 @@ class TeacherRunner:
         for i in sorted(singles):
             teacher = self.teachers[i]
             units.append(_Single(i, teacher, self.layers[i],
-                                 channels_last and has_conv2d(teacher.model)))
+                                 channels_last and has_conv2d(teacher.model), self.in_place))
         self.units = units
 
     def _run_checked(self, group: _Group, images: Tensor | ViewBatch, outputs: list[Any],
