@@ -12,6 +12,7 @@ mean/std at its own size.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,8 @@ def load_transformers_model(folder: Path, name: str, classes: Classes) -> Studen
         heads = ", ".join(f"*{s}" for s in [*HEADS, *BACKBONE_SUFFIXES])
         raise ModelRepoError(f"{folder}: architecture '{architecture}' is not a transformers "
                              f"class kamal can use as a teacher ({heads})")
-    model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,
-                                use_safetensors=True)
+    model = _quietly(lambda: cls.from_pretrained(str(folder), local_files_only=True,
+                                                 trust_remote_code=False, use_safetensors=True))
     spec = _input_spec(folder, config)
     if kind == "features":  # a backbone: no task, its outputs are tappable layers
         if classes is not None:
@@ -257,3 +258,17 @@ def _processor_geometry(folder: Path, processor: dict[str, Any], config: dict[st
     if any(side % multiple for side in out):
         raise unsupported(f"the size {out} is not a multiple of ensure_multiple_of={multiple}")
     return resize, resize_to, out
+
+
+def _quietly(load: Callable[[], Any]) -> Any:
+    """``load()`` without transformers' per-load progress bar (kamal loads a released
+    teacher again when it next runs: the bar would print each time)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
