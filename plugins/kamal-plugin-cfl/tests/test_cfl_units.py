@@ -83,10 +83,10 @@ def _teachers() -> list[kamal.Teacher]:
     return [load_teacher(name, DIGITS / "teachers" / name) for name in ("digits-0-4", "digits-5-9")]
 
 
-def _amalgamator(images: torch.Tensor, **options) -> CFLAmalgamator:
+def _amalgamator(images: torch.Tensor, width: int = 24, **options) -> CFLAmalgamator:
     teachers = _teachers()
     algo = CFLAmalgamator(CFLConfig(tsne_samples=0, **options), teachers,
-                          StudentSpec("small-cnn", {"width": 24}, {"classification": "digits"}))
+                          StudentSpec("small-cnn", {"width": width}, {"classification": "digits"}))
     algo.setup(algo.build_student(), [images[:32], images[32:]])
     return algo
 
@@ -148,7 +148,9 @@ def test_the_mmd_never_pulls_the_student_harder_than_kd():
 def test_hidden_width_floor_and_paper_setting():
     images = _digits_batch(32)
     # student small-cnn width 24: the classifier reads 96 channels, C/4 = 24
-    assert _amalgamator(images).block.hidden == 64
+    assert _amalgamator(images).block.hidden == 24
+    assert _amalgamator(images, min_hidden=64).block.hidden == 64
+    assert _amalgamator(images, width=8).block.hidden == 24  # C/4 = 8: the floor holds
     paper = _amalgamator(images, min_hidden=1, kernel_reduction="sum",
                          standardize_features=False, mmd_weight=10.0, feature_grad_ratio=None)
     assert paper.block.hidden == 24
