@@ -179,6 +179,14 @@ def test_real_size_example_and_cfl_verdicts_are_decided_by_the_measurements():
     assert examples.within_limit(stored["examples"]["results"]) == stored["examples"]["met"]
     assert examples.within_limit({"a": {"seconds": 10}}) and not examples.within_limit(
         {"a": {"seconds": 10}, "b": {"seconds": examples.LIMIT_S + 1}})
+    import cfl_speed
+
+    validation = stored["cfl_speed"]["validation"]
+    assert cfl_speed.validation_verdict(validation) == stored["cfl_speed"]["validation_verdict"]
+    made = {k: {"defaults": [0.95], "defaults before": [0.94]} for k in cfl_speed.VALIDATED}
+    assert cfl_speed.validation_verdict(made)["met"]
+    made[list(made)[-1]]["defaults before"] = [0.96]  # lower than before in one setting
+    assert not cfl_speed.validation_verdict(made)["met"]
     steps = stored["cfl_speed"]["steps"]
     reference = [32 / s for s in next(iter(steps.values()))]
     for label, check in stored["cfl_speed"]["verdicts"].items():
