@@ -27,7 +27,7 @@ from kamal import (
 from kamal.cache import CacheEntry, TeacherCache, entry_key
 from kamal.data.augment import RandomCropFlip, draw_views
 from kamal.data.digits import build_digits
-from kamal.data.folders import build_image_folder
+from kamal.data.folders import build_image_folder, build_torchvision
 from kamal.data.scenes import build_scenes
 from kamal.data.transforms import ImageView
 from kamal.data.views import StoredViewRows, StoredViewSamples
@@ -46,10 +46,19 @@ def _image_folder(tmp_path, count=6, augment=True):
     return build_image_folder(root=str(tmp_path), size=16, augment=augment)
 
 
+def _torchvision_folder(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "tv" / label).mkdir(parents=True)
+        _image_folder(tmp_path / "tv" / label, count=3)
+    return build_torchvision(variant="ImageFolder", root=str(tmp_path / "tv"), size=16,
+                             augment=True)
+
+
 def _datasets(tmp_path):
     return {"digits": build_digits("transfer", augment=True, size=16),
             "scenes": build_scenes("transfer", size=32, count=6, augment=True),
-            "image folder": _image_folder(tmp_path)}
+            "image folder": _image_folder(tmp_path),
+            "torchvision ImageFolder": _torchvision_folder(tmp_path)}
 
 
 def test_a_stored_view_is_recreated_bit_exactly_from_its_numbers(tmp_path):
@@ -57,6 +66,7 @@ def test_a_stored_view_is_recreated_bit_exactly_from_its_numbers(tmp_path):
         view = ImageView(dataset.channels, (16, 16))
         params = draw_views(dataset.draw_augmentation, 4, 3, seed=5)
         assert params.shape[:2] == (4, 3) and params.dtype == torch.float64, name
+        assert tuple(dataset[0][0].shape[1:]) == tuple(dataset.size), name  # what it declares
         again = draw_views(dataset.draw_augmentation, 4, 3, seed=5)
         assert torch.equal(params, again), name  # the same seed draws the same views
         rows = StoredViewRows(dataset, (view,), params)

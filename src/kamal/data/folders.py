@@ -21,7 +21,41 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LABEL_MODES = ("none", "folders")
 
 
-class ImageFolderDataset(ImageDataset):
+class _CropFlipSource(ImageDataset):
+    """A dataset of decoded images whose reads may be randomly cropped and flipped
+    (``augmentation``; ``None``: as stored), the draws recordable for stored views."""
+
+    augmentation: RandomCropFlip | None = None
+
+    def stored(self, index: int) -> tuple[Any, int]:
+        """Sample ``index`` as stored: the decoded image (a PIL image) and its label."""
+        raise NotImplementedError
+
+    def without_augmentation(self) -> _CropFlipSource:
+        plain = copy.copy(self)
+        plain.augmentation, plain.augmented = None, False
+        return plain
+
+    def source(self, index: int) -> tuple[Any, int]:
+        """The decoded image (before any model's view; randomly cropped and flipped when
+        augmented) and its label."""
+        if self.augmentation is not None:
+            return self.augmented_source(index, self.augmentation.draw())
+        return self.stored(index)
+
+    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
+        if self.augmentation is None:
+            raise NotImplementedError(f"this {type(self).__name__} is not augmented")
+        return self.augmentation.draw(generator)
+
+    def augmented_source(self, index: int, params: Tensor) -> tuple[Any, int]:
+        if self.augmentation is None:
+            raise NotImplementedError(f"this {type(self).__name__} is not augmented")
+        image, label = self.stored(index)
+        return self.augmentation.apply(image, params), label
+
+
+class ImageFolderDataset(_CropFlipSource):
     """Images under ``root``, read on demand. With ``labels="folders"`` the first-level
     subfolders are the classes (sorted names, as torchvision's ImageFolder). With
     ``augmentation``, each read is a random crop (and flip) of the decoded image, which every
@@ -54,11 +88,6 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def without_augmentation(self) -> ImageFolderDataset:
-        plain = copy.copy(self)
-        plain.augmentation, plain.augmented = None, False
-        return plain
-
     def fingerprint(self) -> str:
         """Each file's path (below the root), size and modification time."""
         digest = hashlib.sha256()
@@ -75,22 +104,8 @@ class ImageFolderDataset(ImageDataset):
         with Image.open(self.files[index]) as file:
             return file.convert("L" if self.channels == 1 else "RGB")
 
-    def source(self, index: int) -> tuple[Any, int]:
-        """The decoded image (a PIL image, before any model's view; randomly cropped when
-        augmented) and its label."""
-        if self.augmentation is not None:
-            return self.augmented_source(index, self.augmentation.draw())
+    def stored(self, index: int) -> tuple[Any, int]:
         return self.decoded(index), self.labels[index]
-
-    def draw_augmentation(self, generator: torch.Generator | None = None) -> Tensor:
-        if self.augmentation is None:
-            raise NotImplementedError("this image folder is not augmented")
-        return self.augmentation.draw(generator)
-
-    def augmented_source(self, index: int, params: Tensor) -> tuple[Any, int]:
-        if self.augmentation is None:
-            raise NotImplementedError("this image folder is not augmented")
-        return self.augmentation.apply(self.decoded(index), params), self.labels[index]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self.source(index)
@@ -115,19 +130,22 @@ def build_image_folder(split: str | None = None, root: str = "", size: int = 32,
                               RandomCropFlip(min_area) if augment else None)
 
 
-class _TorchvisionAdapter(ImageDataset):
-    def __init__(self, dataset, size: int | None) -> None:
+class _TorchvisionAdapter(_CropFlipSource):
+    def __init__(self, dataset, size: int | None,
+                 augmentation: RandomCropFlip | None = None) -> None:
         self.dataset = dataset
         self.classes = [str(c) for c in getattr(dataset, "classes", [])] or None
         self.size_override = size
         image, _ = self[0]
         self.channels, self.size = int(image.shape[0]), tuple(image.shape[1:])
+        if augmentation is not None:  # random crops differ in size: viewed as a square
+            self.size = (min(self.size),) * 2
+        self.augmentation, self.augmented = augmentation, augmentation is not None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def source(self, index: int) -> tuple[Any, int]:
-        """The dataset's PIL image (before any model's view) and its label."""
+    def stored(self, index: int) -> tuple[Any, int]:
         image, label = self.dataset[index]
         return image, int(label)
 
@@ -135,17 +153,20 @@ class _TorchvisionAdapter(ImageDataset):
         from torchvision.transforms.functional import pil_to_tensor
 
         image, label = self.source(index)
-        if self.size_override:
-            return ImageView(len(image.getbands()), (self.size_override,) * 2)(image), label
+        if self.size_override or self.augmentation is not None:
+            side = self.size_override or self.size[0]
+            return ImageView(len(image.getbands()), (side, side))(image), label
         return pil_to_tensor(image).float() / 255.0, label
 
 
 def build_torchvision(split: str | None = None, variant: str = "", root: str = "data",
-                      size: int | None = None) -> ImageDataset:
+                      size: int | None = None, augment: bool = False,
+                      min_area: float = 0.25) -> ImageDataset:
     """``torchvision:<Name>``: a torchvision dataset already on disk under ``root``.
 
     Never downloads. ``split`` is passed as ``train=`` or ``split=`` for datasets that take
     one; for folder datasets (ImageFolder) it names a subfolder of ``root`` when given.
+    ``augment`` and ``min_area`` as the image folder's (random crop and flip, recordable).
     """
     import torchvision.datasets as tvd
 
@@ -165,4 +186,4 @@ def build_torchvision(split: str | None = None, variant: str = "", root: str = "
     except (RuntimeError, FileNotFoundError) as exc:
         raise ValueError(f"{variant} is not on disk under '{root}' ({exc}); kamal never "
                          "downloads data: place it there first") from exc
-    return _TorchvisionAdapter(dataset, size)
+    return _TorchvisionAdapter(dataset, size, RandomCropFlip(min_area) if augment else None)
