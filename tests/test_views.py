@@ -112,6 +112,20 @@ def test_default_view_of_in_memory_images_keeps_them():
     assert ImageView(3, (16, 16))(images) is images
 
 
+def test_a_crop_wider_than_the_resized_image_is_padded_like_torchvision():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    pixels = torch.randint(1, 256, (3, 30, 24), dtype=torch.uint8)  # no zero: padding shows
+    view = ImageView(3, (20, 24))  # shorter side to 20: 25x20, narrower than the crop
+    expected = v2.Compose([v2.Resize(20, antialias=True), v2.CenterCrop((20, 24))])(pixels)
+    out = view(pixels)
+    assert out.shape == (3, 20, 24) and torch.equal(out, expected.float() / 255.0)
+    assert (out[..., :2] == 0).all() and (out[..., 2:22] > 0).all()
+    pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    assert ImageView(3, (20, 24), backend="pil")(pil).shape == (3, 20, 24)
+
+
 # --- runs ---------------------------------------------------------------------------------
 
 

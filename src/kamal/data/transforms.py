@@ -125,6 +125,11 @@ class ImageView:
         if (new_h, new_w) != (height, width):
             mode = InterpolationMode(self.interpolation)
             image = resize(image, [new_h, new_w], interpolation=mode, antialias=True)
+        if new_h < self.size[0] or new_w < self.size[1]:  # as torchvision's CenterCrop: zeros
+            pad_h, pad_w = max(self.size[0] - new_h, 0), max(self.size[1] - new_w, 0)
+            image = torch.nn.functional.pad(
+                image, [pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2])
+            new_h, new_w = image.shape[-2:]
         if (new_h, new_w) != self.size:
             top, left = (new_h - self.size[0]) // 2, (new_w - self.size[1]) // 2
             image = image[..., top:top + self.size[0], left:left + self.size[1]]
