@@ -121,10 +121,10 @@ def _loader(folder: Path, batch: int, device: Any) -> Any:
     """The DataLoader every hand-written loop reads: the dataset and workers kamal uses."""
     from torch.utils.data import DataLoader
 
-    from kamal.data.loading import loader_options
+    from kamal.data.loading import loader_options, resolve_workers
 
     dataset = _dataset(folder)
-    options = loader_options(_workers(folder), device, dataset.augmented)
+    options = loader_options(resolve_workers("auto", dataset), device, dataset.augmented)
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, **options)
 
 

@@ -215,9 +215,7 @@ class Teacher:
     def model(self) -> Student:
         """The frozen network (a teacher released with ``lazy=True`` loads its weights back
         first)."""
-        if self._released and self._lazy:
-            assert self.loader is not None
-            self.restore(self.loader())
+        self._load_if_lazy()
         return self._model
 
     @property
@@ -254,7 +252,12 @@ class Teacher:
             raise KamalError(f"teacher '{self.name}' was released while the student trains from "
                              "the teacher cache; an algorithm that runs its teachers during "
                              "training needs train.release_teachers: false")
-        self.model  # noqa: B018 - the property loads a lazily released teacher
+        self._load_if_lazy()
+
+    def _load_if_lazy(self) -> None:
+        if self._released and self._lazy:
+            assert self.loader is not None
+            self.restore(self.loader())
 
     @property
     def released(self) -> bool:

@@ -152,16 +152,18 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
     stored = STORED_DTYPES[cfg.train.teacher_cache_dtype]
     logits = [frozenset(t.name for t in teacher.tasks if t.kind == "classification")
               for teacher in step.teachers]
+    # a teacher freed after its entry (it can be loaded again) runs converted in place
+    frees = [cfg.train.release_teachers and teacher.loader is not None for teacher in step.teachers]
     runners = [TeacherRunner([teacher], [layers], "off", cfg.train.teacher_channels_last,
-                             step.student.input_spec.size,
-                             in_place=cfg.train.release_teachers and teacher.loader is not None)
-               for teacher, layers in zip(step.teachers, step.teacher_layers, strict=True)]
+                             step.student.input_spec.size, in_place=free)
+               for teacher, layers, free in zip(step.teachers, step.teacher_layers, frees,
+                                                strict=True)]
     per_sample = 0.0
     for i, runner in enumerate(runners):  # one teacher at a time, as the fill
         (outputs,), (features,) = runner(probe)
         per_sample += stored_bytes(outputs, features, logits[i], cfg.train.teacher_cache_topk,
                                    stored) / len(probe)
-        _put_away(step.teachers[i], runner, cfg.train.release_teachers)
+        _put_away(step.teachers[i], runner, frees[i])
     estimate = int(per_sample * len(local) * max(1, per_image))  # type: ignore[arg-type]
     mode = choose_mode(requested, transfer.augmented and not per_image, estimate,
                        int(cfg.train.teacher_cache_budget_mb * 2**20))
@@ -185,8 +187,7 @@ def build_teacher_cache(step: AmalgamationStep, transfer: ImageDataset, cfg: Run
                 else UnlabeledView(local, view))
         entries.append(CacheEntry(teacher.name, entry_key(teacher, layers, data, views, extra),
                                   rows, _single_teacher(runners[i], device), logits[i],
-                                  partial(_put_away, teacher, runners[i],
-                                          cfg.train.release_teachers)))
+                                  partial(_put_away, teacher, runners[i], frees[i])))
     cache.build(entries, cfg.train.batch_size, resolve_workers(cfg.data.workers, transfer))
     return cache
 
@@ -199,12 +200,12 @@ def _single_teacher(runner: TeacherRunner, device: torch.device):
     return run
 
 
-def _put_away(teacher: Teacher, runner: TeacherRunner, release: bool) -> None:
+def _put_away(teacher: Teacher, runner: TeacherRunner, free: bool) -> None:
     """Once ``teacher`` has run for the cache: the runner's copies dropped and, with
-    ``release`` (``train.release_teachers``), its weights freed (the next use loads them
-    again), so the fill holds one teacher at a time."""
+    ``free`` (``train.release_teachers``, and a loader to bring the weights back), its
+    weights freed (the next use loads them again), so the fill holds one teacher at a time."""
     runner.reset()
-    if release and teacher.loader is not None:
+    if free:
         teacher.release(lazy=True)
         return_freed_memory()
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-#: The most worker processes ``auto`` starts: on a GPU, decoding JPEGs is what limits (docs/performance.md).
+#: The most worker processes ``auto`` starts: on a GPU, decoding JPEGs is what limits
+#: (docs/performance.md).
 MAX_AUTO_WORKERS = 16
 
 
