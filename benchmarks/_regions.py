@@ -557,6 +557,25 @@ def _recombination_summary(data: dict[str, Any]) -> str:
 GATING_CMD = "python benchmarks/quality.py --gating --seeds 0 1 2"
 
 
+def _density_owners(data: dict[str, Any], key: str) -> str:
+    """Owner accuracy on the digits transfer split with the shipped density refinement
+    (``shipped``) or without it (``unrefined``)."""
+    density = data.get("benchmarks", {}).get("gating", {}).get("density")
+    if not density or key not in density:
+        raise Missing("python benchmarks/gating.py")
+    return pct(density[key][0])
+
+
+@region("density-owner-accuracy")
+def _density_owner_accuracy(data: dict[str, Any]) -> str:
+    return _density_owners(data, "shipped")
+
+
+@region("undensity-owner-accuracy")
+def _undensity_owner_accuracy(data: dict[str, Any]) -> str:
+    return _density_owners(data, "unrefined")
+
+
 def _gating_quality(data: dict[str, Any]) -> dict[str, Any]:
     entry = data.get("benchmarks", {}).get("gating_quality")
     if not entry or "verdicts" not in entry:

@@ -54,7 +54,7 @@ FLOORS: dict[str, dict[str, float]] = {
 # issue 17: the merges compared, its targets, and every algorithm's digits top-1 before the
 # learned merge became the default (standardize; means of seeds 0-2) that the new default must
 # not fall below
-GATING_MERGES = ("standardize", "energy", "learned", "auto")
+GATING_MERGES = ("standardize", "energy", "learned", "feature-density", "auto")
 OVERLAP = ROOT / "examples" / "digits-overlap" / "kd.yaml"
 GATING_TARGETS = {"digits_best": 0.96, "digits_below_oracle": 0.025, "overlap_gain": 0.03,
                   "overlap_below_oracle": 0.03, "auto_below_best": 0.01}

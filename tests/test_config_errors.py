@@ -48,7 +48,7 @@ def _fail(*args: str) -> str:
     ({"train__device": "gpu"}, ["train.device: unknown device 'gpu'"]),
     ({"algorithm__temprature": 2}, ["algorithm.temprature: unknown key. Did you mean "
                                     "'temperature'?"]),
-    ({"algorithm__merge": "magic"}, ["algorithm.merge:", "'learned', 'auto' or 'naive'"]),
+    ({"algorithm__merge": "magic"}, ["algorithm.merge:", "'feature-density', 'auto' or 'naive'"]),
     ({"algorithm__name": "cfll"}, ["algorithm.name: unknown algorithm 'cfll'", "Installed:",
                                    "kamal install cfll"]),
     ({"student__architecture": "small-cn"}, ["unknown architecture 'small-cn'",

@@ -4,18 +4,21 @@ class sets (issue 17). The figures of the merges on the shipped teachers come fr
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, ROOT
 
 from kamal import ClassificationTask, LogitMerger, load_model, load_teacher
 from kamal.config import TeacherRef
 from kamal.data.digits import build_digits
 from kamal.data.views import image_batches
 from kamal.errors import ConfigError
-from kamal.gating import neighbour_average, shifted_views, view_ownership
+from kamal.gating import (DENSITY_RIDGE, DENSITY_ROUNDS, NEIGHBOURS, OWNER_SHARPNESS,
+                          density_owners, neighbour_average, read_teachers, shifted_views,
+                          view_ownership)
 from kamal.teacher_loading import resolve_teacher
 
 TEACHERS = EXAMPLES / "digits" / "teachers"
@@ -32,17 +35,20 @@ def _top1(merger, teachers, data, target):
     return (merged.argmax(1) == target.map_targets(data.classes, data.labels)).float().mean().item()
 
 
-def test_the_learned_gate_trusts_the_right_teacher_more_often(digits_teachers):
+def test_the_learned_gates_trust_the_right_teacher_more_often(digits_teachers):
     """The 5-9 teacher is confidently wrong on many 0-4 digits: the centred max logit trusts
-    it there; the teachers' steadiness over shifted copies, smoothed over neighbours, less."""
+    it there; the teachers' steadiness over shifted copies and the class clusters of their
+    joint features, less."""
     transfer, test = build_digits("transfer", size=16), build_digits("test", size=16)
     target = ClassificationTask.merge([t.tasks[0] for t in digits_teachers], "digits")
     scores = {}
-    for mode in ("standardize", "learned"):
+    for mode in ("standardize", "learned", "feature-density"):
         merger = LogitMerger(digits_teachers, [target], mode)
         merger.calibrate(digits_teachers, image_batches(transfer, 128))
         scores[mode] = _top1(merger, digits_teachers, test, target)
     assert scores["learned"] >= scores["standardize"] + 0.015, scores
+    # the class-conditional mixture alone, every teacher trusted alike at the start
+    assert scores["feature-density"] >= scores["standardize"] + 0.015, scores
 
 
 def test_the_learned_gate_is_a_probability_and_its_merge_a_mixture():
@@ -108,6 +114,53 @@ def test_neighbour_average_overrules_an_isolated_owner():
     owners[0] = torch.tensor([0.0, 1.0])  # one wrong owner inside the first cluster
     smoothed = neighbour_average([points[:, :2], points[:, 2:]], owners, neighbours=5)
     assert smoothed[0, 0] > 0.5 and (smoothed.argmax(1) == torch.tensor([0] * 6 + [1] * 6)).all()
+
+
+def test_density_owners_find_the_owner_where_both_teachers_are_confident():
+    """Teacher a knows x and y, teacher b knows y and w: on every image each teacher is sure
+    of one of its classes (a says y on w images, b says y on x images), so their outputs
+    cannot gate; the images of each class form a cluster in their features, which can. The
+    shared class y is shared equally between a and b."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=generator) * 3
+    truth = torch.arange(3).repeat_interleave(40)  # x, y, w
+    features = centres[truth] + torch.randn(120, 8, generator=generator)
+    a, b = ClassificationTask("a", ["x", "y"]), ClassificationTask("b", ["y", "w"])
+    sure = torch.tensor([0.98, 0.02])
+    p_a = torch.where((truth == 0)[:, None], sure, sure.flip(0))  # x on x images, else y
+    p_b = torch.where((truth == 2)[:, None], sure.flip(0), sure)  # w on w images, else y
+    undecided = torch.full((120, 2), 0.5)
+    owners = density_owners([features[:, :4], features[:, 4:]], [p_a, p_b], [(0, a), (1, b)],
+                            undecided)
+    assert torch.allclose(owners.sum(1), torch.ones(120), atol=1e-6)
+    assert (owners[truth == 0, 0] > 0.9).all() and (owners[truth == 2, 1] > 0.9).all()
+    assert torch.allclose(owners[truth == 1], torch.full((40, 2), 0.5), atol=0.05)
+    unrefined = density_owners([features], [p_a, p_b], [(0, a), (1, b)], undecided, rounds=0)
+    assert torch.equal(unrefined, undecided)  # no round: the owners it started from
+
+
+def test_density_refinement_corrects_owners_on_the_digits_teachers(digits_teachers):
+    """On the transfer split, the refined owners give more images to a teacher that knows
+    their class than the view steadiness smoothed over neighbours alone (labels only score)."""
+    transfer = build_digits("transfer", size=16)
+    target = ClassificationTask.merge([t.tasks[0] for t in digits_teachers], "digits")
+    pairs = LogitMerger(digits_teachers, [target], "learned").classified
+    readings = read_teachers(digits_teachers, pairs, [transfer.images])
+    knows_first = target.map_targets(transfer.classes, transfer.labels) < 5
+
+    def correct(owners):
+        return ((owners[:, 0] > 0.5) == knows_first).float().mean().item()
+
+    before, after = correct(readings.owners(pairs, density_rounds=0)), correct(readings.owners(pairs))
+    assert after >= before + 0.015, (before, after)
+
+
+def test_the_published_gate_settings_are_the_shipped_ones():
+    """The tables that chose the learned gate's settings mark the shipped ones: changing a
+    constant must come with ``python benchmarks/gating.py`` rerun."""
+    published = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["gating"]
+    assert published["tuning"]["shipped_setting"] == [OWNER_SHARPNESS, NEIGHBOURS]
+    assert published["density"]["shipped_setting"] == [DENSITY_RIDGE, DENSITY_ROUNDS]
 
 
 def test_shifted_views_move_the_image_and_keep_its_size():

@@ -103,7 +103,7 @@ class _ScaledTeacher:
         return {k: v * self.scale for k, v in self.teacher(x).items()}
 
 
-@pytest.mark.parametrize("merge", ["standardize", "energy", "learned"])
+@pytest.mark.parametrize("merge", ["standardize", "energy", "learned", "feature-density"])
 def test_calibrated_merges_resist_teachers_of_different_loudness(merge):
     from kamal import load_teacher
     from kamal.data.digits import build_digits
@@ -116,8 +116,9 @@ def test_calibrated_merges_resist_teachers_of_different_loudness(merge):
     # the free energy keeps the mean logit, which a 10x quieter teacher shifts: measured 7
     # points lost there, against none for the centred max logit
     # the learned gate's owners read the teachers' own sharpness, which a 10x quieter teacher
-    # loses: measured 6.7 points lost there (from a base 3 points above standardize's)
-    tolerance = {"standardize": 0.06, "energy": 0.1, "learned": 0.08}[merge]
+    # loses: measured 5.4 points lost there (from a base 4 points above standardize's);
+    # feature-density starts from every teacher trusted alike: 1.1 points
+    tolerance = {"standardize": 0.06, "energy": 0.1, "learned": 0.08, "feature-density": 0.03}[merge]
     for scale in (0.1, 10.0):
         calibrated = _ensemble_accuracy(teachers, merge, scale, test)
         naive = _ensemble_accuracy(teachers, "naive", scale, test)

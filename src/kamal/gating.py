@@ -9,14 +9,16 @@ nine shifted views, z-scored per teacher on the transfer data; test-time augment
 out-of-distribution score). Where a teacher is confidently wrong on an image, its nearest
 neighbours usually are not: :func:`neighbour_average` smooths the owners over the
 :data:`NEIGHBOURS` most similar transfer images in the teachers' own feature space (the
-input of each teacher's head, averaged over the views). Nine teacher passes per image are
-too many for every training step, so :class:`LearnedGate`, a small MLP over the teachers'
-single-view outputs, is fitted once to the smoothed owners and gates every step at the cost
-of one matrix product.
+input of each teacher's head, averaged over the views). Where both teachers are sure of an
+image, :func:`density_owners` decides by where the image lies among the classes in all the
+teachers' features together (a class-conditional Gaussian mixture fitted by EM). Nine
+teacher passes per image are too many for every training step, so :class:`LearnedGate`, a
+small MLP over the teachers' single-view outputs, is fitted once to the refined owners and
+gates every step at the cost of one matrix product.
 
-The measurements behind the choices (shift size, target sharpness, hidden width, and the
-self-training rounds that were tried and lost accuracy) are in the "gating" section of
-docs/benchmarks.md, written by ``benchmarks/gating.py``.
+The measurements behind the choices (target sharpness, neighbours, the mixture's ridge and
+rounds, and the self-training rounds that were tried and lost accuracy) are in the "gating"
+section of docs/benchmarks.md, written by ``benchmarks/gating.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ SHIFT_FRACTION = 1 / 8
 OWNER_SHARPNESS = 16.0
 #: Transfer images (the image itself included) whose owners are averaged.
 NEIGHBOURS = 10
+#: EM rounds of the class-conditional Gaussian mixture that refines the owners (0: none).
+DENSITY_ROUNDS = 10
+#: Ridge added to that mixture's shared covariance, as a fraction of its mean variance.
+DENSITY_RIDGE = 1.0
 
 
 def shifted_views(images: Tensor | ViewBatch) -> list[Tensor | ViewBatch]:
@@ -70,11 +76,16 @@ class TeacherReadings:
     features: list[Tensor | None]  # per teacher: its head's input, averaged over the shifts
 
     def owners(self, pairs: Sequence[tuple[int, Task]], scales: Sequence[float] | None = None,
-               sharpness: float = OWNER_SHARPNESS, neighbours: int = NEIGHBOURS) -> Tensor:
+               sharpness: float = OWNER_SHARPNESS, neighbours: int = NEIGHBOURS,
+               density_rounds: int = DENSITY_ROUNDS, ridge: float = DENSITY_RIDGE,
+               steadiness: bool = True) -> Tensor:
         """Soft owners ``(images, teachers)``: :func:`view_ownership` of each pair's class
         probabilities averaged over the nine views (its logits times ``scales[pair]``),
         smoothed by :func:`neighbour_average` in the teachers' feature space (their mean
-        log-probabilities where a head input is unknown)."""
+        log-probabilities where a head input is unknown), then refined by
+        ``density_rounds`` rounds of :func:`density_owners` in that space. Without
+        ``steadiness`` the refinement starts from every teacher trusted alike (the
+        ``feature-density`` merge)."""
         per_teacher: list[list[Tensor]] = [[] for _ in self.features]
         for pair, (i, _) in enumerate(pairs):
             scale = 1.0 if scales is None else scales[pair]
@@ -85,8 +96,16 @@ class TeacherReadings:
         representations = [
             value if value is not None else torch.cat([p.clamp_min(1e-12).log() for p in probs], 1)
             for value, probs, used in zip(self.features, per_teacher, gated, strict=True) if used]
-        owned = view_ownership(per_teacher, gated, sharpness)
-        return neighbour_average(representations, owned, neighbours) if neighbours > 1 else owned
+        if steadiness:
+            owned = view_ownership(per_teacher, gated, sharpness)
+            if neighbours > 1:
+                owned = neighbour_average(representations, owned, neighbours)
+        else:
+            owned = torch.tensor(gated, dtype=torch.float32).expand(len(self.logits[0]), -1)
+            owned = owned / owned.sum(1, keepdim=True)
+        single = [torch.softmax(value.float() * (1.0 if scales is None else scales[pair]), 1)
+                  for pair, value in enumerate(self.logits)]
+        return density_owners(representations, single, pairs, owned, density_rounds, ridge)
 
 
 def read_teachers(teachers: Sequence[Teacher], pairs: Sequence[tuple[int, Task]],
@@ -187,6 +206,57 @@ def neighbour_average(representations: Sequence[Tensor], values: Tensor,
         weights = weights / weights.sum(1, keepdim=True)
         averaged.append((weights[:, :, None] * values[nearest[:, :k]]).sum(1))
     return torch.cat(averaged)
+
+
+def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Tensor],
+                   pairs: Sequence[tuple[int, Task]], owners: Tensor,
+                   rounds: int = DENSITY_ROUNDS, ridge: float = DENSITY_RIDGE) -> Tensor:
+    """Owners refined by a class-conditional Gaussian mixture in the teachers' joint feature
+    space (the generative classifier of Lee et al., NeurIPS 2018, fitted by EM over the
+    union of the teachers' classes instead of per teacher).
+
+    Two teachers can each be confident on the same image (a 9 that a 0-4 teacher calls 3, a
+    3 that a 5-9 teacher calls 9); their outputs cannot tell which is right, but in the
+    features of all teachers together the nines and the threes form separate clusters. Each
+    image's class prior is the teachers' own probabilities with every teacher trusted
+    alike (``probabilities[pair]``, over ``pairs[pair]``'s classes, matched by name); the
+    mixture starts from the ``owners``' split of the image between teachers, and each round
+    re-estimates the class means and one shared covariance (plus ``ridge`` times its mean
+    variance) and then each image's class posterior. A teacher owns the posterior mass of
+    its classes; a class several teachers know is shared equally between them.
+    ``representations``: one ``(images, features)`` block per teacher, standardised per
+    dimension and weighted equally whatever its width. No round: ``owners`` unchanged."""
+    if rounds < 1:
+        return owners
+    double = torch.float64
+    features = torch.cat([((r - r.mean(0)) / r.std(0).clamp_min(1e-6) / r.shape[1] ** 0.5).to(double)
+                          for r in (rep.float() for rep in representations)], 1)
+    count, width = features.shape
+    names = list(dict.fromkeys(c for _, task in pairs for c in getattr(task, "classes", ())))
+    columns = [torch.tensor([names.index(c) for c in getattr(task, "classes", ())]) for _, task in pairs]
+    prior = torch.zeros(count, len(names), dtype=double)
+    start = torch.zeros_like(prior)
+    sharing = torch.zeros(len(names), dtype=double)
+    for (i, _), column, p in zip(pairs, columns, probabilities, strict=True):
+        prior[:, column] += p.to(double) / len(pairs)
+        start[:, column] += owners[:, i, None].to(double) * p.to(double)
+        sharing[column] += 1
+    posterior = start / start.sum(1, keepdim=True).clamp_min(1e-12)
+    log_prior = prior.clamp_min(1e-12).log()
+    for _ in range(rounds):
+        mass = posterior.sum(0)
+        means = posterior.T @ features / mass.clamp_min(1e-9)[:, None]
+        covariance = (features.T @ features - (means.T * mass) @ means) / count
+        covariance += ridge * covariance.diagonal().mean() * torch.eye(width, dtype=double)
+        precision = torch.linalg.inv(covariance)
+        projected = features @ precision
+        distance = ((projected * features).sum(1, keepdim=True) - 2 * projected @ means.T
+                    + ((means @ precision) * means).sum(1)[None])
+        posterior = torch.softmax(log_prior - 0.5 * distance, dim=1)
+    refined = torch.zeros(owners.shape, dtype=double)
+    for (i, _), column in zip(pairs, columns, strict=True):
+        refined[:, i] += (posterior[:, column] / sharing[column]).sum(1)
+    return refined.to(owners.dtype)
 
 
 class LearnedGate(nn.Module):

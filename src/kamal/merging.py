@@ -11,10 +11,14 @@ the image is one of its classes, ``log_softmax(logits_i)`` — and differs in th
 - ``energy``: the same with its free energy, ``logsumexp(logits_i)`` (Liu et al.,
   "Energy-based Out-of-distribution Detection", NeurIPS 2020).
 - ``learned`` (the default of the KD term): a gate fitted on the transfer data to how
-  steady each teacher's prediction is over shifted copies of each image
-  (:mod:`kamal.gating`); the merge is the mixture ``sum_i g_i p_i(c)``. Nine passes.
-- ``auto``: whichever of the three merged targets agree most across shifted copies of
-  held-out transfer images.
+  steady each teacher's prediction is over shifted copies of each image, refined by where
+  the image lies among the classes in all the teachers' features (:mod:`kamal.gating`);
+  the merge is the mixture ``sum_i g_i p_i(c)``. Nine passes.
+- ``feature-density``: the same gate fitted to owners from the class-conditional Gaussian
+  mixture in the teachers' joint features alone, every teacher trusted alike at the start
+  (Lee et al., NeurIPS 2018, over the union of the teachers' classes). Nine passes too.
+- ``auto``: whichever of ``standardize``, ``energy`` and ``learned`` gives merged targets
+  that agree most across shifted copies of held-out transfer images.
 
 Classes are matched by name; a class several teachers know is averaged over them (fixed
 gates) or summed as a mixture (learned). docs/concepts.md explains each merge with the
@@ -34,7 +38,9 @@ from .gating import LearnedGate, TeacherReadings, read_teachers
 from .interfaces import Task, Teacher
 from .tasks.classification import ClassificationTask
 
-MergeMode = Literal["standardize", "energy", "learned", "auto", "naive"]
+MergeMode = Literal["standardize", "energy", "learned", "feature-density", "auto", "naive"]
+#: The merges that fit a :class:`~kamal.gating.LearnedGate` (nine teacher passes).
+GATED: tuple[MergeMode, ...] = ("learned", "feature-density")
 #: The merges ``auto`` chooses from, in order of preference on a tie.
 AUTO_CANDIDATES: tuple[MergeMode, ...] = ("standardize", "energy", "learned")
 
@@ -66,7 +72,7 @@ class LogitMerger(nn.Module):
         self.register_buffer("logit_scale", torch.ones(len(teachers)))
         self.register_buffer("choice", torch.tensor(0))  # auto's pick in AUTO_CANDIDATES
         self.gate = (LearnedGate(sum(len(task.classes) + 1 for _, task in self.classified),
-                                 max(1, len(teachers))) if mode in ("learned", "auto") else None)
+                                 max(1, len(teachers))) if mode in (*GATED, "auto") else None)
         #: what ``auto`` measured per candidate (view agreement on held-out images)
         self.agreement: dict[str, float] = {}
 
@@ -88,7 +94,7 @@ class LogitMerger(nn.Module):
             for _ in images:
                 pass
             return
-        shifts = self.mode in ("learned", "auto")
+        shifts = self.mode in (*GATED, "auto")
         readings = read_teachers(teachers, self.classified, images, device, shifts)
         if not readings.logits:
             return
@@ -115,7 +121,8 @@ class LogitMerger(nn.Module):
             self.logit_scale[i] = reference / value
         # owners read the teachers' own probabilities: how sharp a teacher is on its own is
         # evidence (rescaled to a common spread first, they mislead: see benchmarks/gating.py)
-        owners = readings.owners(self.classified) if owners is None else owners
+        if owners is None:
+            owners = readings.owners(self.classified, steadiness=self.mode != "feature-density")
         device = self.gate.w1.device
         views = [readings.logits, *readings.shifted]
         if self.mode == "auto":
@@ -151,7 +158,7 @@ class LogitMerger(nn.Module):
     def forward(self, teacher_outputs: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         mode = self.active
         gate = None
-        if mode == "learned":
+        if mode in GATED:
             assert self.gate is not None
             gate = self.gate(self.gate_inputs([teacher_outputs[i][task.name]
                                                 for i, task in self.classified]))
