@@ -16,9 +16,17 @@ from kamal.config import TeacherRef
 from kamal.data.digits import build_digits
 from kamal.data.views import image_batches
 from kamal.errors import ConfigError
-from kamal.gating import (DENSITY_RIDGE, DENSITY_ROUNDS, NEIGHBOURS, OWNER_SHARPNESS,
-                          density_owners, neighbour_average, read_teachers, shifted_views,
-                          view_ownership)
+from kamal.gating import (
+    DENSITY_RIDGE,
+    DENSITY_ROUNDS,
+    NEIGHBOURS,
+    OWNER_SHARPNESS,
+    density_owners,
+    neighbour_average,
+    read_teachers,
+    shifted_views,
+    view_ownership,
+)
 from kamal.teacher_loading import resolve_teacher
 
 TEACHERS = EXAMPLES / "digits" / "teachers"
