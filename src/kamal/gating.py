@@ -185,6 +185,13 @@ def pooled(feature: Tensor) -> Tensor:
     return feature.float().flatten(1)
 
 
+def joint_features(representations: Sequence[Tensor]) -> Tensor:
+    """The teachers' representations side by side, each standardised per dimension and
+    weighted equally whatever its width."""
+    return torch.cat([(r - r.mean(0)) / r.std(0).clamp_min(1e-6) / r.shape[1] ** 0.5
+                      for r in (rep.float() for rep in representations)], 1)
+
+
 def neighbour_average(representations: Sequence[Tensor], values: Tensor,
                       neighbours: int = NEIGHBOURS) -> Tensor:
     """``values`` averaged over each image's ``neighbours`` nearest images (itself included)
@@ -192,9 +199,7 @@ def neighbour_average(representations: Sequence[Tensor], values: Tensor,
     dimension and weighted equally whatever its width. A neighbour weighs its similarity
     above the next nearest image's, so the average moves continuously with the features
     (a hard top-k would jump when two neighbours swap places)."""
-    blocks = [(r - r.mean(0)) / r.std(0).clamp_min(1e-6) / r.shape[1] ** 0.5
-              for r in (rep.float() for rep in representations)]
-    joined = F.normalize(torch.cat(blocks, 1), dim=1)
+    joined = F.normalize(joint_features(representations), dim=1)
     k = min(neighbours, len(joined) - 1)
     if k < 1:
         return values
@@ -224,13 +229,12 @@ def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Te
     re-estimates the class means and one shared covariance (plus ``ridge`` times its mean
     variance) and then each image's class posterior. A teacher owns the posterior mass of
     its classes; a class several teachers know is shared equally between them.
-    ``representations``: one ``(images, features)`` block per teacher, standardised per
-    dimension and weighted equally whatever its width. No round: ``owners`` unchanged."""
+    ``representations``: one ``(images, features)`` block per teacher, joined by
+    :func:`joint_features`. No round: ``owners`` unchanged."""
     if rounds < 1:
         return owners
     double = torch.float64
-    features = torch.cat([((r - r.mean(0)) / r.std(0).clamp_min(1e-6) / r.shape[1] ** 0.5).to(double)
-                          for r in (rep.float() for rep in representations)], 1)
+    features = joint_features(representations).to(double)
     count, width = features.shape
     names = list(dict.fromkeys(c for _, task in pairs for c in getattr(task, "classes", ())))
     columns = [torch.tensor([names.index(c) for c in getattr(task, "classes", ())]) for _, task in pairs]
