@@ -163,6 +163,20 @@ def test_density_refinement_corrects_owners_on_the_digits_teachers(digits_teache
     assert after >= before + 0.015, (before, after)
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_gated_merges_calibrate_on_one_or_two_images(digits_teachers, count):
+    """Too few images for a spread, a held-out half or a covariance: the merges still give
+    finite distributions (one image crashed the learned gate's fit, two the mixture)."""
+    images = build_digits("transfer", size=16).images
+    target = ClassificationTask.merge([t.tasks[0] for t in digits_teachers], "digits")
+    for mode in ("learned", "feature-density", "auto"):
+        merger = LogitMerger(digits_teachers, [target], mode)
+        merger.calibrate(digits_teachers, [images[:count]])
+        with torch.no_grad():
+            merged = merger([t(images[:8]) for t in digits_teachers])["digits"]
+        assert torch.isfinite(merged.logsumexp(1)).all(), mode
+
+
 def test_the_published_gate_settings_are_the_shipped_ones():
     """The tables that chose the learned gate's settings mark the shipped ones: changing a
     constant must come with ``python benchmarks/gating.py`` rerun."""

@@ -155,7 +155,8 @@ def view_ownership(mean_probabilities: Sequence[Sequence[Tensor]], gated: Sequen
             columns.append(None)
             continue
         certainty = torch.stack([(p * p.clamp_min(1e-12).log()).sum(1) for p in probabilities]).mean(0)
-        columns.append((certainty - certainty.mean()) / certainty.std().clamp_min(1e-6))
+        spread = certainty.std().clamp_min(1e-6) if len(certainty) > 1 else 1.0  # one image: no spread
+        columns.append((certainty - certainty.mean()) / spread)
     size = next(c for c in columns if c is not None).shape[0]
     z = torch.stack([c if c is not None else torch.full((size,), float("-inf")) for c in columns], 1)
     return torch.softmax(sharpness * z, dim=1)
@@ -199,10 +200,10 @@ def neighbour_average(representations: Sequence[Tensor], values: Tensor,
     dimension and weighted equally whatever its width. A neighbour weighs its similarity
     above the next nearest image's, so the average moves continuously with the features
     (a hard top-k would jump when two neighbours swap places)."""
-    joined = F.normalize(joint_features(representations), dim=1)
-    k = min(neighbours, len(joined) - 1)
+    k = min(neighbours, len(values) - 1)
     if k < 1:
         return values
+    joined = F.normalize(joint_features(representations), dim=1)
     averaged = []
     for start in range(0, len(joined), 1024):
         similar, nearest = (joined[start:start + 1024] @ joined.T).topk(k + 1, dim=1)
@@ -230,8 +231,8 @@ def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Te
     variance) and then each image's class posterior. A teacher owns the posterior mass of
     its classes; a class several teachers know is shared equally between them.
     ``representations``: one ``(images, features)`` block per teacher, joined by
-    :func:`joint_features`. No round: ``owners`` unchanged."""
-    if rounds < 1:
+    :func:`joint_features`. No round, or a single image: ``owners`` unchanged."""
+    if rounds < 1 or len(owners) < 2:  # a mixture needs at least two images
         return owners
     double = torch.float64
     features = joint_features(representations).to(double)
@@ -251,7 +252,8 @@ def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Te
         mass = posterior.sum(0)
         means = posterior.T @ features / mass.clamp_min(1e-9)[:, None]
         covariance = (features.T @ features - (means.T * mass) @ means) / count
-        covariance += ridge * covariance.diagonal().mean() * torch.eye(width, dtype=double)
+        # (a floor on the ridge: identical images have no variance to scale it by)
+        covariance += ridge * covariance.diagonal().mean().clamp_min(1e-6) * torch.eye(width, dtype=double)
         precision = torch.linalg.inv(covariance)
         projected = features @ precision
         distance = ((projected * features).sum(1, keepdim=True) - 2 * projected @ means.T

@@ -27,6 +27,7 @@ measured figures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -134,9 +135,10 @@ class LogitMerger(nn.Module):
             for index, candidate in enumerate(AUTO_CANDIDATES):
                 self.choice.fill_(index)
                 self.agreement[candidate] = self._view_agreement(held)
-            best = max(self.agreement.values())
-            self.choice.fill_(next(i for i, c in enumerate(AUTO_CANDIDATES)
-                                   if self.agreement[c] >= best - 1e-9))
+            # a single calibration image leaves none held out: nothing measured, the first wins
+            best = max((v for v in self.agreement.values() if math.isfinite(v)), default=math.nan)
+            self.choice.fill_(next((i for i, c in enumerate(AUTO_CANDIDATES)
+                                    if self.agreement[c] >= best - 1e-9), 0))
             if self.active != "learned":
                 return
         self.gate.fit(torch.cat([self.gate_inputs(view) for view in views]).to(device),
