@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .data.transforms import ViewBatch
 from .features import FeatureTap
 from .interfaces import Task, Teacher
+from .tasks.classification import ClassificationTask
 
 #: Shift of the consistency views, as a fraction of each side (2 px at 16 px).
 SHIFT_FRACTION = 1 / 8
@@ -75,7 +76,7 @@ class TeacherReadings:
     shifted: list[list[Tensor]]  # per shift, per pair (held as float16 while reading)
     features: list[Tensor | None]  # per teacher: its head's input, averaged over the shifts
 
-    def owners(self, pairs: Sequence[tuple[int, Task]], scales: Sequence[float] | None = None,
+    def owners(self, pairs: Sequence[tuple[int, ClassificationTask]], scales: Sequence[float] | None = None,
                sharpness: float = OWNER_SHARPNESS, neighbours: int = NEIGHBOURS,
                density_rounds: int = DENSITY_ROUNDS, ridge: float = DENSITY_RIDGE,
                steadiness: bool = True) -> Tensor:
@@ -87,11 +88,13 @@ class TeacherReadings:
         ``steadiness`` the refinement starts from every teacher trusted alike (the
         ``feature-density`` merge)."""
         per_teacher: list[list[Tensor]] = [[] for _ in self.features]
+        single: list[Tensor] = []  # each pair's probabilities on the images as given
         for pair, (i, _) in enumerate(pairs):
             scale = 1.0 if scales is None else scales[pair]
             views = [self.logits[pair], *(view[pair] for view in self.shifted)]
-            per_teacher[i].append(torch.stack([torch.softmax(v.float() * scale, 1)
-                                               for v in views]).mean(0))
+            probabilities = [torch.softmax(v.float() * scale, 1) for v in views]
+            single.append(probabilities[0])
+            per_teacher[i].append(torch.stack(probabilities).mean(0))
         gated = [bool(p) for p in per_teacher]
         representations = [
             value if value is not None else torch.cat([p.clamp_min(1e-12).log() for p in probs], 1)
@@ -103,8 +106,6 @@ class TeacherReadings:
         else:
             owned = torch.tensor(gated, dtype=torch.float32).expand(len(self.logits[0]), -1)
             owned = owned / owned.sum(1, keepdim=True)
-        single = [torch.softmax(value.float() * (1.0 if scales is None else scales[pair]), 1)
-                  for pair, value in enumerate(self.logits)]
         return density_owners(representations, single, pairs, owned, density_rounds, ridge)
 
 
@@ -215,7 +216,7 @@ def neighbour_average(representations: Sequence[Tensor], values: Tensor,
 
 
 def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Tensor],
-                   pairs: Sequence[tuple[int, Task]], owners: Tensor,
+                   pairs: Sequence[tuple[int, ClassificationTask]], owners: Tensor,
                    rounds: int = DENSITY_ROUNDS, ridge: float = DENSITY_RIDGE) -> Tensor:
     """Owners refined by a class-conditional Gaussian mixture in the teachers' joint feature
     space (the generative classifier of Lee et al., NeurIPS 2018, fitted by EM over the
@@ -237,11 +238,11 @@ def density_owners(representations: Sequence[Tensor], probabilities: Sequence[Te
     double = torch.float64
     features = joint_features(representations).to(double)
     count, width = features.shape
-    names = list(dict.fromkeys(c for _, task in pairs for c in getattr(task, "classes", ())))
-    columns = [torch.tensor([names.index(c) for c in getattr(task, "classes", ())]) for _, task in pairs]
-    prior = torch.zeros(count, len(names), dtype=double)
+    position = {c: j for j, c in enumerate(dict.fromkeys(c for _, t in pairs for c in t.classes))}
+    columns = [torch.tensor([position[c] for c in task.classes]) for _, task in pairs]
+    prior = torch.zeros(count, len(position), dtype=double)
     start = torch.zeros_like(prior)
-    sharing = torch.zeros(len(names), dtype=double)
+    sharing = torch.zeros(len(position), dtype=double)
     for (i, _), column, p in zip(pairs, columns, probabilities, strict=True):
         prior[:, column] += p.to(double) / len(pairs)
         start[:, column] += owners[:, i, None].to(double) * p.to(double)
