@@ -50,9 +50,10 @@ from speed import step_clock, verdict  # noqa: E402
 
 SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LOADER_MARGIN = 2.0  # the loader this much faster than the student: the step is the limit
 TARGETS = {"kamal-off vs plain": ("kamal-off", "plain", 0.97),
            "kamal-views vs student-only": ("kamal-views", "student-only", 0.9),
-           "loader vs student-only": ("loader", "student-only", 2.0)}
+           "loader vs student-only": ("loader", "student-only", LOADER_MARGIN)}
 
 
 def epoch_rates(starts: list[tuple[int, float]], batch: int) -> list[float]:
@@ -261,7 +262,7 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
     views = results["kamal-views"].get("runs", [{"cache_bytes": 0,
                                                   "seconds_to_first_step": 0}])[0]
     notes = {"loader": "the data path alone (decode, crop, resize)",
-             "student-only": "the limit: student forward + backward, targets free",
+             "student-only": "student forward + backward, targets free",
              "plain": "hand-written KD loop, teachers live",
              "kamal-off": "kamal, teachers live",
              "kamal-views": f"kamal, {args.views} stored views per image "
@@ -278,7 +279,44 @@ def markdown(args: argparse.Namespace, results: dict[str, dict[str, Any]],
     for label, check in checks.items():
         lines.append(f"| {label} ≥ {check['target']}x | {check['low']:.2f}–{check['high']:.2f}x "
                      f"| {check['verdict']} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", limit_sentence(results)])
+
+
+def limit_sentence(results: dict[str, dict[str, Any]]) -> str:
+    """Which stage limits this machine, from the loader's and student-only's median rates:
+    student-only reads through the same loader, so it cannot outrun it."""
+    loader, student = (results[name]["rates"] for name in ("loader", "student-only"))
+    if not (loader and student):
+        return "Which stage limits: not measured (the run stopped first)."
+    ratio = statistics.median(loader) / statistics.median(student)
+    limit = ("the student's step is the limit here (student-only is the ceiling once teacher "
+             "outputs are free), not the data path" if ratio >= LOADER_MARGIN else
+             "the data path is the limit here, or nearly: student-only training cannot "
+             "outrun it, so every row is bounded by the loader; more workers or pre-decoded "
+             "images would help before a faster step does")
+    return (f"The loader alone delivers {ratio:.1f}x the images/s of student-only training "
+            f"(medians): {limit}.")
+
+
+def stored_markdown(entry: dict[str, Any]) -> str:
+    """The Markdown this script makes from a stored run's figures and settings."""
+    args = argparse.Namespace(**entry["settings"])
+    return markdown(args, entry["results"], verdicts(entry["results"], args.batch),
+                    entry["device"], entry["workers"])
+
+
+def rerender(key: str) -> str:
+    """Replace ``key``'s stored Markdown by :func:`stored_markdown` of its figures, keeping
+    its stamp (command, date, machine), and re-render the regions."""
+    import json
+
+    import _regions
+
+    everything = json.loads(_report.JSON_FILE.read_text())
+    everything[key]["markdown"] = stored_markdown(everything[key])
+    _report.JSON_FILE.write_text(json.dumps(everything, indent=1) + "\n")
+    _regions.render_all()
+    return everything[key]["markdown"]
 
 
 def main() -> None:
@@ -293,7 +331,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--key", default="realistic")
+    parser.add_argument("--render", action="store_true",
+                        help="rebuild --key's stored Markdown from its stored figures (after "
+                             "a change of wording); measures nothing")
     args = parser.parse_args()
+    if args.render:
+        print(rerender(args.key))
+        return
     import torch
 
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")

@@ -10,7 +10,7 @@ import torch
 from kamal_plugin_cfl.algorithm import CFLAmalgamator
 from kamal_plugin_cfl.blocks import ConvBlock, FCBlock, build_block
 from kamal_plugin_cfl.config import CFLConfig
-from kamal_plugin_cfl.losses import mmd_rbf
+from kamal_plugin_cfl.losses import mmd_rbf, mmd_rbf_to_each
 
 import kamal
 from kamal import Batch, StudentSpec, build_batch, get_registry, load_teacher, plugin_infos
@@ -72,6 +72,29 @@ def test_mmd_is_zero_for_equal_samples_and_grows_with_shift():
     assert 0 < float(near) < float(far) <= 2.0
     # 'sum' adds the kernels: KamalEngine's scale, number-of-kernels times larger
     assert float(mmd_rbf(x, x + 3, sigmas, False, "sum")) == pytest.approx(2 * float(far))
+
+
+def test_mmd_to_each_equals_the_estimator_pair_by_pair():
+    """The one-matrix form against the definition: mean(Kxx) + mean(Kyy) - 2 mean(Kxy),
+    kernel by kernel, for samples of unequal sizes."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 2, 2, generator=generator, dtype=torch.float64)
+    ys = [torch.randn(n, 3, 2, 2, generator=generator, dtype=torch.float64) + shift
+          for n, shift in ((12, 0.0), (7, 0.5), (20, 2.0))]
+    sigmas = [0.05, 0.5, 2.0]
+
+    def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = (torch.nn.functional.normalize(v.flatten(1), dim=1) for v in (a, b))
+        kernel = [lambda u, v, s=s: torch.exp(-torch.cdist(u, v) ** 2 / (2 * s * s)).mean()
+                  for s in sigmas]
+        return sum(k(a, a) + k(b, b) - 2 * k(a, b) for k in kernel) / len(sigmas)
+
+    each = mmd_rbf_to_each(x, ys, sigmas)
+    expected = torch.stack([reference(x, y) for y in ys])
+    assert torch.allclose(each, expected, atol=1e-10)
+    assert torch.allclose(mmd_rbf(x, ys[2], sigmas, kernel_reduction="sum"),
+                          expected[2] * len(sigmas), atol=1e-10)
+    assert 0 < each[0] < each[1] < each[2]  # farther samples, larger MMD
 
 
 def _digits_batch(n: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from kamal import (
 
 from .blocks import CommonFeatureBlock, as_features, build_block
 from .config import HEAD, CFLConfig
-from .losses import mmd_rbf, reconstruction_loss
+from .losses import mmd_rbf_to_each, reconstruction_loss
 
 if TYPE_CHECKING:
     from kamal import Teacher, Trainer
@@ -121,8 +121,8 @@ class CFLAmalgamator(Amalgamator):
                             [as_features(f[layer], f"teacher '{t.name}'", layer)
                              for f, t, layer in zip(batch.teacher_features, self.teachers,
                                                     self.teacher_layers, strict=True)])
-        mmd = sum((mmd_rbf(common.student, h, cfg.sigmas, cfg.normalize, cfg.kernel_reduction)
-                   for h in common.teachers), start=common.student.new_zeros(()))
+        mmd = mmd_rbf_to_each(common.student, common.teachers, cfg.sigmas, cfg.normalize,
+                              cfg.kernel_reduction).sum()
         losses["mmd"] = self._capped(cfg.mmd_weight * mmd, dict(losses), batch)
         losses["recon"] = cfg.recon_weight * reconstruction_loss(common.reconstructions,
                                                                  common.targets)
