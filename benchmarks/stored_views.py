@@ -42,13 +42,14 @@ CONFIDENCE, DEFAULT_SEEDS = 0.95, 30
 
 
 def variants(views: int) -> dict[str, list[str]]:
-    stored = ["train.teacher_cache=memory", f"train.teacher_cache_views={views}"]
+    def stored(count: int, dtype: str) -> list[str]:
+        return ["train.teacher_cache=memory", f"train.teacher_cache_views={count}",
+                f"train.teacher_cache_dtype={dtype}"]
+
     return {"live teachers (no cache)": ["train.teacher_cache=off"],
-            f"{views} stored views, float32": [*stored, "train.teacher_cache_dtype=float32"],
-            f"{views} stored views, float16": [*stored, "train.teacher_cache_dtype=float16"],
-            f"{2 * views} stored views, float32": ["train.teacher_cache=memory",
-                                                   f"train.teacher_cache_views={2 * views}",
-                                                   "train.teacher_cache_dtype=float32"]}
+            f"{views} stored views, float32": stored(views, "float32"),
+            f"{views} stored views, float16": stored(views, "float16"),
+            f"{2 * views} stored views, float32": stored(2 * views, "float32")}
 
 
 def run(out: Path, overrides: list[str], seed: int) -> dict[str, Any]:
@@ -84,11 +85,12 @@ def paired_difference(rows: list[dict[str, Any]], reference: list[dict[str, Any]
 
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The targets, each from the figures."""
-    live, fp32, fp16, *more = results.values()  # the rows of variants(), in order
+    rows = list(results.items())  # the rows of variants(), in order
+    (_, live), (_, fp32), (_, fp16) = rows[:3]
     ratio = fp32[0]["cache_bytes"] / fp16[0]["cache_bytes"]
     compared = {f"{label.split(',')[0]} within 0.5 point of live teachers (for comparison; "
-                "the target is on the first)": paired_difference(rows, live, WITHIN_LIVE)
-                for label, rows in list(results.items())[3:]}
+                "the target is on the first)": paired_difference(runs, live, WITHIN_LIVE)
+                for label, runs in rows[3:]}
     return {
         "stored views within 0.5 point of live teachers": paired_difference(fp32, live,
                                                                              WITHIN_LIVE),
