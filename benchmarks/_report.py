@@ -52,9 +52,17 @@ def stamp(info: dict[str, Any]) -> str:
             f"{info['machine']['load_average_1min']} at the end._")
 
 
-def update_json(section: str, data: dict[str, Any]) -> None:
-    """Replace ``section``'s key in docs/benchmarks.json, stamped with command, date, machine."""
-    info = {"command": command(), "date": _dt.date.today().isoformat(), "machine": machine()}
+def stored(section: str) -> dict[str, Any]:
+    """``section``'s key of docs/benchmarks.json as last written."""
+    return json.loads(JSON_FILE.read_text())[section]
+
+
+def update_json(section: str, data: dict[str, Any], restamp: bool = True) -> None:
+    """Replace ``section``'s key in docs/benchmarks.json, stamped with command, date, machine
+    (without ``restamp``: keeping the stamp ``data`` holds, for a re-rendering that measured
+    nothing)."""
+    info = ({"command": command(), "date": _dt.date.today().isoformat(), "machine": machine()}
+            if restamp else {})
     everything = json.loads(JSON_FILE.read_text()) if JSON_FILE.exists() else {}
     everything[section] = {**info, **data}
     JSON_FILE.write_text(json.dumps(everything, indent=1) + "\n")

@@ -308,15 +308,13 @@ def stored_markdown(entry: dict[str, Any]) -> str:
 def rerender(key: str) -> str:
     """Replace ``key``'s stored Markdown by :func:`stored_markdown` of its figures, keeping
     its stamp (command, date, machine), and re-render the regions."""
-    import json
-
     import _regions
 
-    everything = json.loads(_report.JSON_FILE.read_text())
-    everything[key]["markdown"] = stored_markdown(everything[key])
-    _report.JSON_FILE.write_text(json.dumps(everything, indent=1) + "\n")
+    entry = _report.stored(key)
+    entry["markdown"] = stored_markdown(entry)
+    _report.update_json(key, entry, restamp=False)
     _regions.render_all()
-    return everything[key]["markdown"]
+    return entry["markdown"]
 
 
 def main() -> None:
